@@ -1,0 +1,133 @@
+//! Per-connection protocol state: what was negotiated in CONNECT and the bytes waiting to
+//! be written. Everything here lives only as long as the network connection.
+
+use std::task::Waker;
+use std::time::Instant;
+
+use ahash::AHashMap;
+use bytes::{Bytes, BytesMut};
+
+use crate::protocol::{self, Disconnect, DisconnectProperties, DisconnectReasonCode, Packet, Version};
+
+/// Output beyond this many bytes means the client is not reading: QoS 0 messages to it are
+/// dropped rather than buffered without bound (QoS 1/2 are bounded by the inflight window).
+pub const MAX_PENDING_OUTPUT: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// Accepted; no CONNECT yet.
+    AwaitingConnect,
+    /// CONNACK sent; attached to a session.
+    Active,
+    /// Closing: flush `out`, then the driver drops the socket.
+    Closing,
+}
+
+#[derive(Debug)]
+pub struct Conn {
+    pub state: ConnState,
+    pub version: Version,
+    pub session: Option<usize>,
+    /// Encoded packets not yet written to the socket. Empty (and unallocated) when idle.
+    pub out: BytesMut,
+    /// An incomplete packet left over from the last read. Empty when idle.
+    pub partial: BytesMut,
+    pub accepted_at: Instant,
+    pub last_packet_at: Instant,
+    /// Negotiated keep-alive, seconds (0 = none).
+    pub keep_alive: u16,
+    /// Over the worker's connection limit: CONNECT is refused.
+    pub over_limit: bool,
+    /// The client's v5 Receive Maximum: QoS 1/2 messages we may have unacknowledged.
+    pub client_receive_max: u16,
+    /// The client's v5 Maximum Packet Size: larger messages are not sent to it.
+    pub client_max_packet: u32,
+    /// Topic aliases the client accepts from us (v5 Topic Alias Maximum).
+    pub client_alias_max: u16,
+    pub aliases_out: AHashMap<Bytes, u16>,
+    pub aliases_in: AHashMap<u16, Bytes>,
+    /// The driver's waker, woken when `out` gains bytes or the connection must close.
+    pub waker: Option<Waker>,
+    /// Set when `out` gained bytes since the last wake (avoids redundant wakes).
+    pub wake_pending: bool,
+    /// Timer ticks spent in `Closing` (see `Engine::should_abort`).
+    pub close_ticks: u8,
+}
+
+impl Conn {
+    pub fn new(now: Instant, over_limit: bool) -> Conn {
+        Conn {
+            state: ConnState::AwaitingConnect,
+            version: Version::V311,
+            session: None,
+            out: BytesMut::new(),
+            partial: BytesMut::new(),
+            accepted_at: now,
+            last_packet_at: now,
+            keep_alive: 0,
+            over_limit,
+            client_receive_max: u16::MAX,
+            client_max_packet: u32::MAX,
+            client_alias_max: 0,
+            aliases_out: AHashMap::new(),
+            aliases_in: AHashMap::new(),
+            waker: None,
+            wake_pending: false,
+            close_ticks: 0,
+        }
+    }
+
+    /// Encodes `packet` into the output buffer and wakes the driver.
+    pub fn send(&mut self, packet: &Packet) {
+        protocol::write_packet(&mut self.out, self.version, packet);
+        self.wake();
+    }
+
+    pub fn wake(&mut self) {
+        if !self.wake_pending {
+            self.wake_pending = true;
+            if let Some(w) = &self.waker {
+                w.wake_by_ref();
+            }
+        }
+    }
+
+    /// Ends the connection: v5 clients get a DISCONNECT with `reason` (and `why` as the
+    /// reason string); 3.1.1 has no server DISCONNECT, so they are just closed.
+    pub fn disconnect(&mut self, reason: DisconnectReasonCode, why: &str) {
+        if self.state == ConnState::Closing {
+            return;
+        }
+        if self.version.is_v5() && self.state == ConnState::Active {
+            let properties = (!why.is_empty()).then(|| DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(why.to_string()),
+                user_properties: Vec::new(),
+                server_reference: None,
+            });
+            self.send(&Packet::Disconnect(Disconnect {
+                reason_code: reason,
+                properties,
+            }));
+        }
+        self.close();
+    }
+
+    /// Marks the connection for closing without sending anything more.
+    pub fn close(&mut self) {
+        self.state = ConnState::Closing;
+        self.wake_pending = false;
+        self.wake();
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.state == ConnState::Closing
+    }
+
+    /// Deadline after which a silent client is cut off: 1.5 × keep-alive (MQTT-3.1.2-24).
+    pub fn keep_alive_deadline(&self) -> Option<Instant> {
+        (self.keep_alive > 0).then(|| {
+            self.last_packet_at + std::time::Duration::from_millis(self.keep_alive as u64 * 1500)
+        })
+    }
+}

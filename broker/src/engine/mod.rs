@@ -1,0 +1,430 @@
+//! The worker's MQTT engine: every connection's and session's protocol state, with no I/O.
+//!
+//! A transport driver feeds it bytes ([`Engine::handle_read`]), tells it when a socket is
+//! gone ([`Engine::connection_lost`]) and takes the bytes it must write ([`Engine::output`]);
+//! a periodic [`Engine::tick`] runs the timers (keep-alive, connect timeout, will delay,
+//! session expiry). Every call takes `now`, so tests drive it without sockets or clocks.
+//!
+//! Layout: [`conn`] per-connection state, [`session`] per-client-id state, [`message`] the
+//! routed message; the packet handlers are split by concern into `connect.rs`,
+//! `publish.rs` (inbound PUBLISH, routing, delivery, acks) and `subscribe.rs`.
+
+mod conn;
+mod connect;
+mod message;
+mod publish;
+mod session;
+mod stats;
+mod subscribe;
+
+use std::rc::Rc;
+use std::task::Waker;
+use std::time::Instant;
+
+use ahash::AHashMap;
+use bytes::BytesMut;
+use slab::Slab;
+
+pub use conn::{Conn, ConnState};
+pub use message::{Delivery, Message};
+pub use session::Session;
+pub use stats::Stats;
+
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::protocol::{self, DecodeError, DisconnectReasonCode, Packet, PingResp};
+use crate::router::{RetainedStore, SubscriptionIndex};
+
+/// Ticks a closing connection may spend flushing before it is dropped regardless.
+const ABORT_AFTER_TICKS: u8 = 3;
+
+/// Identifies a connection for its driver; a slot in the engine's connection slab.
+pub type ConnKey = usize;
+
+pub struct Engine {
+    config: Rc<Config>,
+    conns: Slab<Conn>,
+    sessions: Slab<Session>,
+    client_ids: AHashMap<Box<str>, usize>,
+    subscriptions: SubscriptionIndex,
+    /// Local subscriptions per inner filter, so the cluster hears of a route once.
+    route_refs: AHashMap<Box<str>, u32>,
+    retained: RetainedStore,
+    cluster: Box<dyn Cluster>,
+    /// Connections that count against the limit (have not been refused).
+    admitted: usize,
+    next_assigned_id: u64,
+    /// Reused on every PUBLISH to collect matching subscriptions without allocating.
+    match_scratch: Vec<(usize, topic_trie::SubscriptionOptions)>,
+    pub stats: Stats,
+}
+
+impl Engine {
+    pub fn new(config: Rc<Config>, cluster: Box<dyn Cluster>) -> Engine {
+        let retained = RetainedStore::new(config.limits.max_retained_messages);
+        Engine {
+            config,
+            conns: Slab::new(),
+            sessions: Slab::new(),
+            client_ids: AHashMap::new(),
+            subscriptions: SubscriptionIndex::new(),
+            route_refs: AHashMap::new(),
+            retained,
+            cluster,
+            admitted: 0,
+            next_assigned_id: 0,
+            match_scratch: Vec::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A new network connection. Over the connection limit it is still accepted, so that
+    /// its CONNECT can be answered with "quota exceeded" / "server unavailable".
+    pub fn accept(&mut self, now: Instant) -> ConnKey {
+        let over_limit = self.admitted >= self.config.limits.max_connections_per_worker;
+        if !over_limit {
+            self.admitted += 1;
+        }
+        self.stats.connections_accepted += 1;
+        self.conns.insert(Conn::new(now, over_limit))
+    }
+
+    /// The buffer a driver should read into for `key`: the worker-wide `scratch` with any
+    /// partial packet from the previous read of this connection moved in front.
+    pub fn prepare_read(&mut self, key: ConnKey, scratch: &mut BytesMut) {
+        scratch.clear();
+        if let Some(conn) = self.conns.get_mut(key) {
+            if !conn.partial.is_empty() {
+                scratch.extend_from_slice(&conn.partial);
+                conn.partial = BytesMut::new();
+            }
+        }
+    }
+
+    /// Handles every complete packet in `buf` (bytes just read for `key`, after
+    /// [`Engine::prepare_read`]). An incomplete tail is kept in the connection.
+    pub fn handle_read(&mut self, key: ConnKey, buf: &mut BytesMut, now: Instant) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        self.stats.bytes_received += buf.len() as u64;
+        let max = self.config.limits.max_packet_size;
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            if conn.is_closing() {
+                buf.clear();
+                return;
+            }
+            let read = match conn.state {
+                ConnState::AwaitingConnect => protocol::read_connect(buf, max).map(|r| {
+                    r.map(|(version, packet)| {
+                        conn.version = version;
+                        packet
+                    })
+                }),
+                _ => protocol::read_packet(buf, conn.version, max),
+            };
+            match read {
+                Ok(Some(packet)) => {
+                    self.stats.packets_received += 1;
+                    self.conns[key].last_packet_at = now;
+                    self.handle_packet(key, packet, now);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.decode_failed(key, e, now);
+                    buf.clear();
+                    return;
+                }
+            }
+        }
+        if !buf.is_empty() {
+            if let Some(conn) = self.conns.get_mut(key) {
+                // Copied out so the worker's scratch buffer can be reused by the next read.
+                conn.partial = BytesMut::from(&buf[..]);
+            }
+            buf.clear();
+        }
+    }
+
+    fn decode_failed(&mut self, key: ConnKey, e: DecodeError, now: Instant) {
+        self.stats.protocol_errors += 1;
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        tracing::warn!(conn = key, version = ?conn.version, "closing connection: {e}");
+        if conn.state == ConnState::AwaitingConnect {
+            connect::refuse_undecodable_connect(conn, &e);
+        } else {
+            conn.disconnect(e.reason(), &e.to_string());
+        }
+        self.end_connection(key, true, now);
+    }
+
+    fn handle_packet(&mut self, key: ConnKey, packet: Packet, now: Instant) {
+        let state = self.conns[key].state;
+        match (state, packet) {
+            (ConnState::AwaitingConnect, Packet::Connect(connect, will, login)) => {
+                self.handle_connect(key, connect, will, login, now)
+            }
+            (ConnState::Active, Packet::Publish(p)) => self.handle_publish(key, p, now),
+            (ConnState::Active, Packet::PubAck(a)) => self.handle_puback(key, a.pkid, now),
+            (ConnState::Active, Packet::PubRec(r)) => self.handle_pubrec(key, r, now),
+            (ConnState::Active, Packet::PubRel(r)) => self.handle_pubrel(key, r.pkid),
+            (ConnState::Active, Packet::PubComp(c)) => self.handle_pubcomp(key, c.pkid, now),
+            (ConnState::Active, Packet::Subscribe(s)) => self.handle_subscribe(key, s, now),
+            (ConnState::Active, Packet::Unsubscribe(u)) => self.handle_unsubscribe(key, u),
+            (ConnState::Active, Packet::PingReq(_)) => {
+                self.conns[key].send(&Packet::PingResp(PingResp))
+            }
+            (ConnState::Active, Packet::Disconnect(d)) => self.handle_disconnect(key, d, now),
+            (_, packet) => {
+                // A second CONNECT, AUTH without an authentication method, or a packet only
+                // a server sends: all protocol errors (MQTT-3.1.0-2, 4.8.0-1, 3.15.0-x).
+                let kind = packet_name(&packet);
+                self.protocol_error(key, DisconnectReasonCode::ProtocolError, kind, now);
+            }
+        }
+    }
+
+    /// Closes `key` because of what the client did, with the spec's reason code for v5.
+    pub(crate) fn protocol_error(
+        &mut self,
+        key: ConnKey,
+        reason: DisconnectReasonCode,
+        why: &str,
+        now: Instant,
+    ) {
+        self.stats.protocol_errors += 1;
+        let conn = &mut self.conns[key];
+        tracing::warn!(conn = key, ?reason, "closing connection: protocol violation: {why}");
+        conn.disconnect(reason, why);
+        self.end_connection(key, true, now);
+    }
+
+    /// The driver saw the socket close or fail. Publishes the will unless the client had
+    /// said DISCONNECT, and detaches the session. The slot is freed here.
+    pub fn connection_lost(&mut self, key: ConnKey, now: Instant) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        self.end_connection(key, true, now);
+        let conn = self.conns.remove(key);
+        if !conn.over_limit {
+            self.admitted -= 1;
+        }
+        self.stats.connections_closed += 1;
+    }
+
+    /// Bytes waiting to be written for `key`, if any. The driver writes what it can and
+    /// advances the buffer; `None` once the connection is gone.
+    pub fn output(&mut self, key: ConnKey) -> Option<&mut BytesMut> {
+        self.conns.get_mut(key).map(|c| &mut c.out)
+    }
+
+    /// After a complete flush: give the buffer's memory back, so an idle connection holds none.
+    pub fn output_flushed(&mut self, key: ConnKey, bytes: usize) {
+        self.stats.bytes_sent += bytes as u64;
+        if let Some(conn) = self.conns.get_mut(key) {
+            if conn.out.is_empty() {
+                conn.out = BytesMut::new();
+            }
+        }
+    }
+
+    /// True when the driver should close the socket once `output` is flushed.
+    pub fn is_closing(&self, key: ConnKey) -> bool {
+        self.conns.get(key).is_none_or(|c| c.is_closing())
+    }
+
+    /// True when a closing connection has failed to flush its last bytes for a few ticks:
+    /// the driver drops it without waiting for a client that does not read.
+    pub fn should_abort(&self, key: ConnKey) -> bool {
+        self.conns.get(key).is_none_or(|c| c.close_ticks >= ABORT_AFTER_TICKS)
+    }
+
+    /// Server shutdown: every client is told (v5: DISCONNECT 0x8B) and its connection closed.
+    pub fn shutdown(&mut self, now: Instant) {
+        let keys: Vec<ConnKey> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let conn = &mut self.conns[key];
+            conn.disconnect(DisconnectReasonCode::ServerShuttingDown, "server shutting down");
+            self.end_connection(key, false, now);
+        }
+    }
+
+    /// Registers the driver's waker: woken when `key` has output or must close.
+    pub fn set_waker(&mut self, key: ConnKey, waker: &Waker) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.wake_pending = false;
+            match &conn.waker {
+                Some(w) if w.will_wake(waker) => {}
+                _ => conn.waker = Some(waker.clone()),
+            }
+        }
+    }
+
+    /// Runs the timers; call about once a second.
+    pub fn tick(&mut self, now: Instant) {
+        let connect_timeout = self.config.limits.connect_timeout();
+        let mut expired = Vec::new();
+        let mut closing = Vec::new();
+        for (key, conn) in self.conns.iter() {
+            let late = match conn.state {
+                ConnState::AwaitingConnect => now >= conn.accepted_at + connect_timeout,
+                ConnState::Active => conn.keep_alive_deadline().is_some_and(|d| now >= d),
+                ConnState::Closing => {
+                    closing.push(key);
+                    false
+                }
+            };
+            if late {
+                expired.push(key);
+            }
+        }
+        for key in closing {
+            let conn = &mut self.conns[key];
+            conn.close_ticks = conn.close_ticks.saturating_add(1);
+            if conn.close_ticks >= ABORT_AFTER_TICKS {
+                if let Some(w) = &conn.waker {
+                    w.wake_by_ref();
+                }
+            }
+        }
+        for key in expired {
+            let conn = &mut self.conns[key];
+            if conn.state == ConnState::AwaitingConnect {
+                tracing::debug!(conn = key, "no CONNECT within the connect timeout");
+                conn.close();
+            } else {
+                tracing::info!(conn = key, "keep-alive timeout");
+                self.stats.keepalive_timeouts += 1;
+                conn.disconnect(DisconnectReasonCode::KeepAliveTimeout, "keep-alive timeout");
+                self.end_connection(key, true, now);
+            }
+        }
+        self.expire_sessions(now);
+        self.retained.sweep(now);
+    }
+
+    /// Offline sessions: publish wills whose delay passed, discard expired sessions.
+    fn expire_sessions(&mut self, now: Instant) {
+        let mut wills = Vec::new();
+        let mut ended = Vec::new();
+        for (skey, s) in self.sessions.iter_mut() {
+            if s.conn.is_some() {
+                continue;
+            }
+            if s.will_at.is_some_and(|at| at <= now) {
+                s.will_at = None;
+                if let Some(will) = s.will.take() {
+                    wills.push(will.msg);
+                }
+            }
+            if s.expires_at.is_some_and(|at| at <= now) {
+                ended.push(skey);
+            }
+        }
+        for msg in wills {
+            self.publish_will(msg, now);
+        }
+        for skey in ended {
+            self.discard_session(skey, now);
+        }
+    }
+
+    /// Detaches the connection from its session and marks it closing (the driver frees the
+    /// slot). `abnormal`: the will is due (no DISCONNECT was received).
+    fn end_connection(&mut self, key: ConnKey, abnormal: bool, now: Instant) {
+        let conn = &mut self.conns[key];
+        if !conn.is_closing() {
+            conn.close();
+        }
+        let Some(skey) = conn.session.take() else {
+            return;
+        };
+        let session = &mut self.sessions[skey];
+        session.conn = None;
+        if !abnormal {
+            session.will = None;
+        }
+        if session.expiry_secs == 0 {
+            // The session ends with the connection: the will (if due) goes out now.
+            self.discard_session(skey, now);
+            return;
+        }
+        if session.expiry_secs != u32::MAX {
+            session.expires_at = Some(now + std::time::Duration::from_secs(session.expiry_secs as u64));
+        }
+        if let Some(will) = &session.will {
+            if will.delay_secs == 0 {
+                let will = session.will.take().map(|w| w.msg);
+                if let Some(msg) = will {
+                    self.publish_will(msg, now);
+                }
+            } else {
+                session.will_at = Some(now + std::time::Duration::from_secs(will.delay_secs as u64));
+            }
+        }
+    }
+
+    /// Removes a session and its subscriptions; a will still pending is published first
+    /// (the session's end is one of the two moments a delayed will is due).
+    fn discard_session(&mut self, skey: usize, now: Instant) {
+        let session = self.sessions.remove(skey);
+        if self.client_ids.get(&session.client_id) == Some(&skey) {
+            self.client_ids.remove(&session.client_id);
+        }
+        for (filter, _) in session.subscriptions.iter() {
+            self.remove_subscription(skey, filter);
+        }
+        self.stats.dropped_on_session_end += (session.queue.len() + session.inflight.len()) as u64;
+        if let Some(will) = session.will {
+            self.publish_will(will.msg, now);
+        }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.retained.len()
+    }
+
+    fn assign_client_id(&mut self) -> String {
+        loop {
+            self.next_assigned_id += 1;
+            let id = format!("mqttd-{}-{:x}", std::process::id(), self.next_assigned_id);
+            if !self.client_ids.contains_key(id.as_str()) {
+                return id;
+            }
+        }
+    }
+}
+
+fn packet_name(packet: &Packet) -> &'static str {
+    match packet {
+        Packet::Auth(_) => "AUTH without an authentication method",
+        Packet::Connect(..) => "second CONNECT",
+        Packet::ConnAck(_) => "CONNACK from a client",
+        Packet::SubAck(_) => "SUBACK from a client",
+        Packet::UnsubAck(_) => "UNSUBACK from a client",
+        Packet::PingResp(_) => "PINGRESP from a client",
+        _ => "packet before CONNECT",
+    }
+}

@@ -1,0 +1,100 @@
+//! The state MQTT keeps for a client id across connections: subscriptions, the outbound
+//! inflight window and queue, incoming QoS 2 ids and the will. Plain data, no I/O, so a
+//! later issue can serialize it to move a session between workers or into Redis.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::time::Instant;
+
+use ahash::AHashMap;
+use topic_trie::SubscriptionOptions;
+
+use super::message::{Delivery, Message};
+
+/// Where a QoS 1/2 message sent to the client stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflightState {
+    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    AwaitingAck,
+    /// PUBREL sent, waiting for PUBCOMP (QoS 2).
+    AwaitingComp,
+}
+
+#[derive(Debug)]
+pub struct Inflight {
+    pub pkid: u16,
+    pub msg: Rc<Message>,
+    pub delivery: Delivery,
+    pub state: InflightState,
+}
+
+/// A message waiting for room in the inflight window or for the client to come back.
+#[derive(Debug)]
+pub struct Queued {
+    pub msg: Rc<Message>,
+    pub delivery: Delivery,
+}
+
+/// A will: published when the connection ends without a normal DISCONNECT.
+#[derive(Debug)]
+pub struct Will {
+    pub msg: Message,
+    /// v5 Will Delay Interval, seconds.
+    pub delay_secs: u32,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub client_id: Box<str>,
+    /// The connection attached to this session, if the client is online.
+    pub conn: Option<usize>,
+    /// Seconds the session outlives its connection; 0 = ends with it; u32::MAX = never.
+    pub expiry_secs: u32,
+    /// Set while offline: when the session is discarded.
+    pub expires_at: Option<Instant>,
+    /// Filter as the client sent it (including `$share/g/`) -> options.
+    pub subscriptions: AHashMap<Box<str>, SubscriptionOptions>,
+    pub will: Option<Will>,
+    /// Set while offline with a delayed will: when it is published.
+    pub will_at: Option<Instant>,
+    /// Outbound QoS 1/2 messages not yet fully acknowledged, in the order sent.
+    pub inflight: VecDeque<Inflight>,
+    pub queue: VecDeque<Queued>,
+    next_pkid: u16,
+    /// Packet ids of incoming QoS 2 PUBLISHes awaiting PUBREL (their PUBREC was sent).
+    pub incoming_qos2: Vec<u16>,
+}
+
+impl Session {
+    pub fn new(client_id: Box<str>, expiry_secs: u32) -> Session {
+        Session {
+            client_id,
+            conn: None,
+            expiry_secs,
+            expires_at: None,
+            subscriptions: AHashMap::new(),
+            will: None,
+            will_at: None,
+            inflight: VecDeque::new(),
+            queue: VecDeque::new(),
+            next_pkid: 0,
+            incoming_qos2: Vec::new(),
+        }
+    }
+
+    /// A packet id not used by any inflight message (the window is far below 65535).
+    pub fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+            let id = self.next_pkid;
+            if !self.inflight.iter().any(|m| m.pkid == id) {
+                return id;
+            }
+        }
+    }
+
+    pub fn inflight_position(&self, pkid: u16) -> Option<usize> {
+        // Acks nearly always come in order, so the front is checked first.
+        self.inflight.iter().position(|m| m.pkid == pkid)
+    }
+}

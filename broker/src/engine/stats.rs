@@ -1,0 +1,26 @@
+//! Counters of one worker's engine, read by $SYS topics and metrics.
+
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub connections_accepted: u64,
+    pub connections_closed: u64,
+    pub connections_refused: u64,
+    pub packets_received: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub messages_received: u64,
+    pub messages_sent: u64,
+    pub protocol_errors: u64,
+    pub keepalive_timeouts: u64,
+    pub takeovers: u64,
+    /// QoS 0 messages not sent because the client's output was backed up.
+    pub dropped_qos0_backlog: u64,
+    /// QoS 1/2 messages not queued because the session's queue was full.
+    pub dropped_queue_full: u64,
+    /// Messages whose expiry interval passed before delivery.
+    pub dropped_expired: u64,
+    /// Messages larger than the client's Maximum Packet Size.
+    pub dropped_too_large: u64,
+    /// Queued or inflight messages lost because their session ended.
+    pub dropped_on_session_end: u64,
+}

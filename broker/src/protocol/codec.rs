@@ -1,0 +1,193 @@
+//! Reading packets off a byte buffer and writing them into one, per protocol version.
+//!
+//! Reads split frames off the front of the caller's buffer, so payloads become `Bytes`
+//! slices of it without a copy. Writes append to the connection's output buffer; PUBLISH,
+//! the one packet on the hot path, is encoded here directly so that it costs no allocation.
+
+use bytes::{BufMut, BytesMut};
+use rumqttc::v5::mqttbytes::v5 as codec_v5;
+
+use super::framing::{self, packet_type, FrameError, FrameHeader};
+use super::{v4, Disconnect, DisconnectReasonCode, Packet, Publish, Version};
+
+/// Why bytes from a client could not become a packet. Each maps to a v5 reason code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    Frame(FrameError),
+    /// The codec refused the body (bad UTF-8, truncated field, bad property, ...).
+    Malformed(String),
+    /// The first packet was not a CONNECT.
+    NotConnect(u8),
+    /// A CONNECT with a protocol name or level the broker does not speak.
+    UnsupportedProtocol(u8),
+    /// A CONNECT whose version is known but whose contents are malformed.
+    BadConnect { version: Version, why: String },
+}
+
+impl DecodeError {
+    /// The reason code a v5 client is told (in CONNACK or DISCONNECT).
+    pub fn reason(&self) -> DisconnectReasonCode {
+        match self {
+            DecodeError::Frame(FrameError::TooLarge { .. }) => DisconnectReasonCode::PacketTooLarge,
+            DecodeError::NotConnect(_) => DisconnectReasonCode::ProtocolError,
+            _ => DisconnectReasonCode::MalformedPacket,
+        }
+    }
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Frame(FrameError::Incomplete) => write!(f, "incomplete packet"),
+            DecodeError::Frame(FrameError::MalformedLength) => write!(f, "malformed remaining length"),
+            DecodeError::Frame(FrameError::InvalidType(t)) => write!(f, "invalid packet type {t}"),
+            DecodeError::Frame(FrameError::ReservedFlags { packet_type, flags }) => {
+                write!(f, "reserved flags {flags:#06b} on packet type {packet_type}")
+            }
+            DecodeError::Frame(FrameError::TooLarge { size }) => {
+                write!(f, "packet of {size} bytes exceeds the maximum packet size")
+            }
+            DecodeError::Malformed(why) => write!(f, "malformed packet: {why}"),
+            DecodeError::NotConnect(t) => write!(f, "first packet is type {t}, not CONNECT"),
+            DecodeError::UnsupportedProtocol(level) => {
+                write!(f, "unsupported protocol level {level}")
+            }
+            DecodeError::BadConnect { why, .. } => write!(f, "malformed CONNECT: {why}"),
+        }
+    }
+}
+
+/// Reads the first packet of a connection, which must be a CONNECT; returns the version it asks for.
+/// `Ok(None)`: more bytes are needed.
+pub fn read_connect(
+    buf: &mut BytesMut,
+    max_packet_size: u32,
+) -> Result<Option<(Version, Packet)>, DecodeError> {
+    let header = match framing::parse_header(buf, max_packet_size) {
+        Ok(h) => h,
+        Err(FrameError::Incomplete) => return Ok(None),
+        Err(e) => return Err(DecodeError::Frame(e)),
+    };
+    if header.packet_type != packet_type::CONNECT {
+        return Err(DecodeError::NotConnect(header.packet_type));
+    }
+    let version = connect_version(&buf[header.header_len..header.frame_len()])?;
+    let packet = decode(buf, header, version).map_err(|e| DecodeError::BadConnect {
+        version,
+        why: e.to_string(),
+    })?;
+    Ok(Some((version, packet)))
+}
+
+/// Reads the protocol name, level and flags of a CONNECT body.
+fn connect_version(body: &[u8]) -> Result<Version, DecodeError> {
+    let malformed = || DecodeError::Malformed("truncated CONNECT".into());
+    let name_len = u16::from_be_bytes([*body.first().ok_or_else(malformed)?, *body.get(1).ok_or_else(malformed)?]) as usize;
+    let name = body.get(2..2 + name_len).ok_or_else(malformed)?;
+    let level = *body.get(2 + name_len).ok_or_else(malformed)?;
+    let flags = *body.get(3 + name_len).ok_or_else(malformed)?;
+    if name != b"MQTT" {
+        return Err(DecodeError::UnsupportedProtocol(level));
+    }
+    let version = match level {
+        4 => Version::V311,
+        5 => Version::V5,
+        other => return Err(DecodeError::UnsupportedProtocol(other)),
+    };
+    // Bit 0 is reserved (MQTT-3.1.2-3); a will QoS of 3 is malformed (MQTT-3.1.2-14);
+    // will QoS or retain without the will flag is malformed (MQTT-3.1.2-11, -13, -15).
+    let will = flags & 0b100 != 0;
+    let will_qos = (flags >> 3) & 0b11;
+    let will_retain = flags & 0b10_0000 != 0;
+    if flags & 1 != 0 || will_qos == 3 || (!will && (will_qos != 0 || will_retain)) {
+        return Err(DecodeError::BadConnect {
+            version,
+            why: format!("bad CONNECT flags {flags:#010b}"),
+        });
+    }
+    // 3.1.1 requires a user name for a password (MQTT-3.1.2-22).
+    if version == Version::V311 && flags & 0b0100_0000 != 0 && flags & 0b1000_0000 == 0 {
+        return Err(DecodeError::BadConnect {
+            version,
+            why: "password without user name".into(),
+        });
+    }
+    Ok(version)
+}
+
+/// Reads the next packet of an established connection. `Ok(None)`: more bytes are needed.
+pub fn read_packet(
+    buf: &mut BytesMut,
+    version: Version,
+    max_packet_size: u32,
+) -> Result<Option<Packet>, DecodeError> {
+    let header = match framing::parse_header(buf, max_packet_size) {
+        Ok(h) => h,
+        Err(FrameError::Incomplete) => return Ok(None),
+        Err(e) => return Err(DecodeError::Frame(e)),
+    };
+    decode(buf, header, version).map(Some)
+}
+
+fn decode(buf: &mut BytesMut, header: FrameHeader, version: Version) -> Result<Packet, DecodeError> {
+    if header.packet_type == packet_type::AUTH && version == Version::V311 {
+        return Err(DecodeError::Frame(FrameError::InvalidType(packet_type::AUTH)));
+    }
+    if header.packet_type == packet_type::DISCONNECT && header.remaining_len == 0 {
+        // A v5 DISCONNECT may omit its reason code; the codec crate refuses that form.
+        let _ = buf.split_to(header.frame_len());
+        return Ok(Packet::Disconnect(Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnection,
+            properties: None,
+        }));
+    }
+    let result = match version {
+        Version::V5 => codec_v5::Packet::read(buf, None).map_err(|e| e.to_string()),
+        Version::V311 => v4::read(buf),
+    };
+    match result {
+        Ok(packet) => Ok(packet),
+        // The codec split the whole frame off before failing, so `buf` stays aligned.
+        Err(why) => Err(DecodeError::Malformed(why)),
+    }
+}
+
+/// Appends `packet` to `out` in the encoding of `version`. Packets a 3.1.1 client cannot
+/// receive (DISCONNECT, AUTH) are skipped: for 3.1.1 the broker just closes the connection.
+pub fn write_packet(out: &mut BytesMut, version: Version, packet: &Packet) {
+    match (version, packet) {
+        (Version::V311, Packet::Publish(p)) => write_publish_bytes(out, p, false),
+        (Version::V5, Packet::Publish(p)) if p.properties.is_none() => {
+            write_publish_bytes(out, p, true)
+        }
+        (Version::V5, packet) => {
+            if let Err(e) = packet.write(out, None) {
+                // Only possible for values the broker itself put out of range.
+                tracing::error!("cannot encode {packet:?}: {e}");
+            }
+        }
+        (Version::V311, packet) => v4::write(out, packet),
+    }
+}
+
+/// Encodes a PUBLISH with no properties. `empty_v5_props` adds the v5 zero-length property block.
+pub fn write_publish_bytes(out: &mut BytesMut, p: &Publish, empty_v5_props: bool) {
+    let pkid_len = if p.qos as u8 > 0 { 2 } else { 0 };
+    let remaining = 2 + p.topic.len() + pkid_len + usize::from(empty_v5_props) + p.payload.len();
+    out.reserve(1 + framing::var_int_len(remaining) + remaining);
+    let byte1 = (packet_type::PUBLISH << 4)
+        | (u8::from(p.dup) << 3)
+        | ((p.qos as u8) << 1)
+        | u8::from(p.retain);
+    out.put_u8(byte1);
+    framing::put_var_int(out, remaining);
+    out.put_u16(p.topic.len() as u16);
+    out.put_slice(&p.topic);
+    if pkid_len > 0 {
+        out.put_u16(p.pkid);
+    }
+    if empty_v5_props {
+        out.put_u8(0);
+    }
+    out.put_slice(&p.payload);
+}

@@ -1,0 +1,439 @@
+"""Fixtures and helpers for the mqttd interop suite.
+
+Broker selection:
+  * default: build `mqttd` once per session (`cargo build --bin mqttd`, cwd =
+    repo root, honouring CARGO_TARGET_DIR; MQTTD_BIN overrides the binary)
+    and start `mqttd --bind 127.0.0.1:0 [--set key=value ...]` per test.
+  * MQTTD_TEST_BROKER=mosquitto: start a system `mosquitto` per test instead.
+"""
+
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 10.0  # generous deadline for any single expected event
+USE_MOSQUITTO = os.environ.get("MQTTD_TEST_BROKER", "") == "mosquitto"
+LISTEN_RE = re.compile(r"mqttd listening tcp ([0-9.]+):(\d+)")
+
+# mqttd `--set` keys -> mosquitto.conf option (value passed through as-is).
+MOSQUITTO_SETTINGS = {
+    "limits.max_queued_messages": "max_queued_messages",
+}
+
+VERSIONS = [
+    pytest.param(mqtt.MQTTv311, id="v311"),
+    pytest.param(mqtt.MQTTv5, id="v5"),
+]
+
+
+# --------------------------------------------------------------------------
+# broker processes
+# --------------------------------------------------------------------------
+class Broker:
+    def __init__(self, proc, host, port, kind, log_path):
+        self.proc = proc
+        self.host = host
+        self.port = port
+        self.kind = kind
+        self.log_path = log_path
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def log_tail(self, n=40):
+        try:
+            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "<no log>"
+
+    def stop(self):
+        """Terminate by PID, kill after a deadline. Returns True if it was alive."""
+        was_alive = self.alive()
+        if was_alive:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        return was_alive
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host, port, proc, deadline=TIMEOUT):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+_build = {}
+_build_lock = threading.Lock()
+
+
+def mqttd_binary():
+    """Build once per session; cache success or failure."""
+    if os.environ.get("MQTTD_BIN"):
+        return os.environ["MQTTD_BIN"]
+    with _build_lock:
+        if "result" not in _build:
+            target = Path(os.environ.get("CARGO_TARGET_DIR", REPO_ROOT / "target"))
+            if not target.is_absolute():
+                target = REPO_ROOT / target
+            r = subprocess.run(["cargo", "build", "--bin", "mqttd"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=1800)
+            if r.returncode != 0:
+                _build["result"] = ("fail", r.stderr[-4000:])
+            else:
+                _build["result"] = ("ok", str(target / "debug" / "mqttd"))
+        status, val = _build["result"]
+    if status != "ok":
+        pytest.fail("cargo build --bin mqttd failed:\n" + val, pytrace=False)
+    return val
+
+
+def start_mosquitto(tmp_path, settings):
+    port = free_port()
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false",
+             "max_queued_messages 1000"]
+    for key, value in settings.items():
+        if key not in MOSQUITTO_SETTINGS:
+            pytest.skip(f"setting {key} has no mosquitto equivalent")
+        lines.append(f"{MOSQUITTO_SETTINGS[key]} {value}")
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    log_path = tmp_path / "broker.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    broker = Broker(proc, "127.0.0.1", port, "mosquitto", log_path)
+    if not wait_port("127.0.0.1", port, proc):
+        broker.stop()
+        pytest.fail("mosquitto did not start listening:\n" + broker.log_tail())
+    return broker
+
+
+def start_mqttd(tmp_path, settings):
+    binary = mqttd_binary()
+    args = [binary, "--bind", "127.0.0.1:0"]
+    for key, value in settings.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        args += ["--set", f"{key}={value}"]
+    log_path = tmp_path / "broker.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=log)
+    log.close()
+    lines = queue.Queue()
+
+    def pump():  # keep draining stdout so the broker never blocks on it
+        with open(log_path.with_suffix(".stdout"), "wb") as out:
+            for raw in proc.stdout:
+                out.write(raw)
+                out.flush()
+                lines.put(raw.decode(errors="replace"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    end = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            line = lines.get(timeout=max(0.01, end - time.monotonic()))
+        except queue.Empty:
+            line = None
+        m = LISTEN_RE.search(line) if line else None
+        if m:
+            return Broker(proc, m.group(1), int(m.group(2)), "mqttd", log_path)
+        if line is None or time.monotonic() > end:
+            Broker(proc, "", 0, "mqttd", log_path).stop()
+            pytest.fail(f"mqttd did not print 'mqttd listening tcp ...' (rc={proc.poll()}):\n"
+                        + Path(log_path).read_text(errors="replace")[-3000:], pytrace=False)
+
+
+@pytest.fixture
+def broker_factory(tmp_path):
+    """broker_factory(**settings) -> Broker. Settings are mqttd `--set` keys."""
+    started = []
+
+    def make(**settings):
+        d = tmp_path / f"broker{len(started)}"
+        d.mkdir()
+        b = start_mosquitto(d, settings) if USE_MOSQUITTO else start_mqttd(d, settings)
+        started.append(b)
+        return b
+
+    yield make
+    crashed = [b for b in started if not b.stop()]
+    assert not crashed, "broker exited during the test (rc=%s):\n%s" % (
+        crashed[0].proc.returncode, crashed[0].log_tail())
+
+
+@pytest.fixture
+def broker(broker_factory):
+    return broker_factory()
+
+
+# --------------------------------------------------------------------------
+# paho helper
+# --------------------------------------------------------------------------
+class Client:
+    """Thin synchronous wrapper around paho with queues for every event."""
+
+    def __init__(self, broker, version, client_id=None, clean=True, session_expiry=None,
+                 will=None, properties=None):
+        self.broker = broker
+        self.version = version
+        self.v5 = version == mqtt.MQTTv5
+        if client_id is None:
+            client_id = "c-" + os.urandom(6).hex()
+        kw = {} if self.v5 else {"clean_session": clean}
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=version, reconnect_on_failure=False, **kw)
+        self.clean = clean
+        self.session_expiry = session_expiry
+        self.connect_props = properties
+        self.messages = queue.Queue()
+        self.connacks = queue.Queue()
+        self.disconnects = queue.Queue()
+        self.acks = {}  # mid -> queue of (kind, payload)
+        self._lock = threading.Lock()
+        if will:
+            self.c.will_set(**will)
+        self.c.on_connect = lambda c, u, flags, rc, props: self.connacks.put((flags, rc, props))
+        self.c.on_disconnect = lambda c, u, flags, rc, props: self.disconnects.put((rc, props, flags))
+        self.c.on_message = lambda c, u, msg: self.messages.put(msg)
+        self.c.on_subscribe = lambda c, u, mid, rcs, props: self._ack(mid, rcs)
+        self.c.on_unsubscribe = lambda c, u, mid, rcs, props: self._ack(mid, rcs)
+        self.c.on_publish = lambda c, u, mid, rc, props: self._ack(mid, rc)
+
+    def _ackq(self, mid):
+        with self._lock:
+            return self.acks.setdefault(mid, queue.Queue())
+
+    def _ack(self, mid, value):
+        self._ackq(mid).put(value)
+
+    def _wait_ack(self, mid, what):
+        try:
+            return self._ackq(mid).get(timeout=TIMEOUT)
+        except queue.Empty:
+            raise AssertionError(f"no {what} for mid {mid} within {TIMEOUT}s") from None
+
+    def _connect_args(self):
+        kw = {"keepalive": 60}
+        if self.v5:
+            kw["clean_start"] = self.clean
+            props = self.connect_props or Properties(PacketTypes.CONNECT)
+            if self.session_expiry is not None:
+                props.SessionExpiryInterval = self.session_expiry
+            kw["properties"] = props
+        return kw
+
+    def connect(self, start_loop=True):
+        """Connect and wait for CONNACK. Returns (flags, reason_code, properties)."""
+        self.c.connect(self.broker.host, self.broker.port, **self._connect_args())
+        if start_loop:
+            self.c.loop_start()
+            try:
+                return self.connacks.get(timeout=TIMEOUT)
+            except queue.Empty:
+                raise AssertionError("no CONNACK within deadline") from None
+        end = time.monotonic() + TIMEOUT
+        while time.monotonic() < end:
+            self.c.loop(0.05)
+            try:
+                return self.connacks.get_nowait()
+            except queue.Empty:
+                pass
+        raise AssertionError("no CONNACK within deadline")
+
+    def subscribe(self, topic, qos=0, **opts):
+        """Subscribe and wait for SUBACK; returns the reason code list."""
+        props = opts.pop("properties", None)
+        if self.v5:
+            sub = SubscribeOptions(qos=qos, **opts)
+            rc, mid = self.c.subscribe(topic, options=sub, properties=props)
+        else:
+            rc, mid = self.c.subscribe(topic, qos)
+        assert rc == mqtt.MQTT_ERR_SUCCESS
+        rcs = self._wait_ack(mid, "SUBACK")
+        assert all(not r.is_failure for r in rcs), f"subscribe {topic} refused: {rcs}"
+        return rcs
+
+    def unsubscribe(self, topic):
+        rc, mid = self.c.unsubscribe(topic)
+        assert rc == mqtt.MQTT_ERR_SUCCESS
+        return self._wait_ack(mid, "UNSUBACK")
+
+    def publish(self, topic, payload, qos=0, retain=False, properties=None, wait=True):
+        info = self.c.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        assert info.rc == mqtt.MQTT_ERR_SUCCESS, info.rc
+        if wait:
+            self._wait_ack(info.mid, "PUBACK/PUBCOMP" if qos else "send")
+        return info
+
+    def recv(self, timeout=TIMEOUT):
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no message received within {timeout}s") from None
+
+    def recv_until(self, marker_payload, timeout=TIMEOUT):
+        """Collect messages until one with marker payload; returns those before it."""
+        before = []
+        end = time.monotonic() + timeout
+        while True:
+            msg = self.recv(max(0.01, end - time.monotonic()))
+            if msg.payload == marker_payload:
+                return before
+            before.append(msg)
+
+    def wait_disconnect(self, timeout=TIMEOUT):
+        try:
+            return self.disconnects.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError("client was not disconnected within deadline") from None
+
+    def disconnect(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+    def close(self):
+        try:
+            self.c.disconnect()
+        except Exception:
+            pass
+        self.c.loop_stop()
+
+
+@pytest.fixture
+def clients():
+    """clients(broker, version, **kw) -> Client; all closed at teardown."""
+    made = []
+
+    def make(broker, version, **kw):
+        cl = Client(broker, version, **kw)
+        made.append(cl)
+        return cl
+
+    yield make
+    for cl in made:
+        cl.close()
+
+
+@pytest.fixture
+def connected(clients):
+    """connected(broker, version, **kw) -> connected Client."""
+
+    def make(broker, version, **kw):
+        cl = clients(broker, version, **kw)
+        flags, rc, _ = cl.connect()
+        assert rc == 0, f"CONNACK refused: {rc}"
+        return cl
+
+    return make
+
+
+# --------------------------------------------------------------------------
+# mosquitto_pub / mosquitto_sub helpers
+# --------------------------------------------------------------------------
+class Proc:
+    """A subprocess whose stdout lines are pumped into a queue."""
+
+    def __init__(self, args):
+        self.args = args
+        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines = queue.Queue()
+        self.all = []
+        self.pump = threading.Thread(target=self._pump, daemon=True)
+        self.pump.start()
+
+    def _pump(self):
+        for raw in self.p.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.all.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_line(self, pred, timeout=TIMEOUT):
+        """Wait for a stdout line satisfying pred; returns it."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, end - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is not None and pred(line):
+                return line
+            if line is None:
+                raise AssertionError(f"{self.args[0]}: no matching line; output so far: {self.all}")
+
+    def wait(self, timeout=TIMEOUT):
+        try:
+            rc = self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.args} did not exit; output: {self.all}") from None
+        self.pump.join(timeout=TIMEOUT)  # all output collected in self.all
+        return rc
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.p.poll() is None:
+            os.kill(self.p.pid, sig)
+        self.p.wait(timeout=TIMEOUT)
+
+
+@pytest.fixture
+def procs():
+    started = []
+
+    def run(*args):
+        p = Proc(list(args))
+        started.append(p)
+        return p
+
+    yield run
+    for p in started:
+        p.kill()
+
+
+def mosq_pub(broker, version, *args):
+    """Run mosquitto_pub to completion; assert success."""
+    cmd = ["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-V", version, *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, f"{cmd} failed rc={r.returncode}: {r.stdout}{r.stderr}"
+    return r
+
+
+def require_tools(*tools):
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"missing tools: {missing}")
