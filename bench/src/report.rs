@@ -126,7 +126,11 @@ impl PubSubReport {
                     format!(
                         "{}{}",
                         self.lost,
-                        if self.drain_complete { "" } else { " (drain timed out: still queued, not necessarily lost)" }
+                        if self.drain_complete {
+                            ""
+                        } else {
+                            " (drain timed out: still queued, not necessarily lost)"
+                        }
                     ),
                 ),
                 ("out of order", self.out_of_order.to_string()),
@@ -134,7 +138,10 @@ impl PubSubReport {
                     "QoS1 window / max lead",
                     format!("{} / {}", self.inflight, self.max_lead),
                 ),
-                ("broker CPU s", opt(self.broker_cpu_s.map(|v| format!("{v:.2}")))),
+                (
+                    "broker CPU s",
+                    opt(self.broker_cpu_s.map(|v| format!("{v:.2}"))),
+                ),
                 (
                     "broker CPU util",
                     opt(self.broker_cpu_util.map(|v| format!("{:.0} %", v * 100.0))),
@@ -147,7 +154,10 @@ impl PubSubReport {
                 ("generator CPU s", format!("{:.2}", self.generator_cpu_s)),
             ],
         );
-        println!("{}", serde_json::to_string(self).expect("report serialises"));
+        println!(
+            "{}",
+            serde_json::to_string(self).expect("report serialises")
+        );
     }
 }
 
@@ -159,7 +169,11 @@ impl IdleReport {
             self.port,
             self.protocol,
             self.requested,
-            if self.subscribe { " + 1 subscription each" } else { "" },
+            if self.subscribe {
+                " + 1 subscription each"
+            } else {
+                ""
+            },
             self.procs
         );
         rows(
@@ -171,7 +185,10 @@ impl IdleReport {
                 ),
                 (
                     "connect time",
-                    format!("{:.2} s ({:.0} conn/s)", self.connect_s, self.connects_per_s),
+                    format!(
+                        "{:.2} s ({:.0} conn/s)",
+                        self.connect_s, self.connects_per_s
+                    ),
                 ),
                 ("source addresses", self.source_addrs.join(", ")),
                 ("broker RSS before", human_bytes(self.rss_before_bytes)),
@@ -180,7 +197,11 @@ impl IdleReport {
                     format!(
                         "{}{}",
                         human_bytes(self.rss_after_bytes),
-                        if self.rss_settled { "" } else { " (not settled)" }
+                        if self.rss_settled {
+                            ""
+                        } else {
+                            " (not settled)"
+                        }
                     ),
                 ),
                 (
@@ -189,7 +210,10 @@ impl IdleReport {
                 ),
             ],
         );
-        println!("{}", serde_json::to_string(self).expect("report serialises"));
+        println!(
+            "{}",
+            serde_json::to_string(self).expect("report serialises")
+        );
     }
 }
 

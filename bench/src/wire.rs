@@ -302,7 +302,11 @@ pub struct PublishRef<'a> {
 
 /// Decode a PUBLISH body (`header` is the first fixed-header byte).
 #[inline]
-pub fn decode_publish(proto: Protocol, header: u8, body: &[u8]) -> Result<PublishRef<'_>, WireError> {
+pub fn decode_publish(
+    proto: Protocol,
+    header: u8,
+    body: &[u8],
+) -> Result<PublishRef<'_>, WireError> {
     let qos = (header >> 1) & 0x03;
     let tlen = read_u16(body, 0)? as usize;
     let mut at = 2 + tlen;
@@ -525,10 +529,15 @@ mod tests {
         assert_eq!(buf.len(), publish_size(Protocol::V5, 3, 1, 3));
         let f = split_frame(&buf, 1024).unwrap().unwrap();
         let p = decode_publish(Protocol::V5, f.header, f.body(&buf)).unwrap();
-        assert_eq!((p.qos, p.pkid, p.topic, p.payload), (1, 513, &b"a/b"[..], &b"xyz"[..]));
+        assert_eq!(
+            (p.qos, p.pkid, p.topic, p.payload),
+            (1, 513, &b"a/b"[..], &b"xyz"[..])
+        );
 
         // CONNACK with Receive Maximum = 20 and a user property.
-        let body = [0u8, 0, 13, 0x21, 0, 20, 0x26, 0, 1, b'k', 0, 4, b'v', b'a', b'l', b'!'];
+        let body = [
+            0u8, 0, 13, 0x21, 0, 20, 0x26, 0, 1, b'k', 0, 4, b'v', b'a', b'l', b'!',
+        ];
         let ack = decode_connack(Protocol::V5, &body).unwrap();
         assert_eq!(ack.receive_maximum, Some(20));
         assert_eq!(ack.code, 0);
@@ -536,8 +545,14 @@ mod tests {
 
     #[test]
     fn splitter_rejects_bad_length() {
-        assert_eq!(split_frame(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], 1 << 30), Err(WireError::MalformedLength));
+        assert_eq!(
+            split_frame(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], 1 << 30),
+            Err(WireError::MalformedLength)
+        );
         assert_eq!(split_frame(&[0x30, 0x05, 0, 0], 1024), Ok(None));
-        assert!(matches!(split_frame(&[0x30, 0x80, 0x80, 0x01], 1024), Err(WireError::TooLarge(_))));
+        assert!(matches!(
+            split_frame(&[0x30, 0x80, 0x80, 0x01], 1024),
+            Err(WireError::TooLarge(_))
+        ));
     }
 }

@@ -78,7 +78,10 @@ impl Worker {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
-        if tokio::time::timeout(DRAIN_DEADLINE, all_closed).await.is_err() {
+        if tokio::time::timeout(DRAIN_DEADLINE, all_closed)
+            .await
+            .is_err()
+        {
             tracing::warn!("drain deadline passed with connections still open");
         }
         ticker.abort();

@@ -13,7 +13,11 @@ use mqttd_broker::config::{Config, LogFormat};
 use mqttd_broker::Worker;
 
 #[derive(Debug, Parser)]
-#[command(name = "mqttd", version, about = "A multi-process MQTT 3.1.1 / 5.0 broker")]
+#[command(
+    name = "mqttd",
+    version,
+    about = "A multi-process MQTT 3.1.1 / 5.0 broker"
+)]
 struct Cli {
     /// TOML configuration file (see configs/mqttd.toml). Without it the defaults apply.
     #[arg(short, long, env = "MQTTD_CONFIG")]

@@ -173,7 +173,14 @@ async fn run_async(args: PubSubArgs) -> Result<PubSubReport> {
             .await
             .with_context(|| format!("connecting subscriber {i} to {addr}"))?;
         let mut rb = ReadBuf::new(64 * 1024);
-        mqtt_connect(&mut s, &mut rb, proto, &format!("mb{pid}-s{i}"), args.keepalive).await?;
+        mqtt_connect(
+            &mut s,
+            &mut rb,
+            proto,
+            &format!("mb{pid}-s{i}"),
+            args.keepalive,
+        )
+        .await?;
         let topic = format!("{}/{i}", args.topic_prefix);
         mqtt_subscribe(&mut s, &mut rb, proto, &topic, args.qos).await?;
         subs.push((s, rb));
@@ -185,8 +192,14 @@ async fn run_async(args: PubSubArgs) -> Result<PubSubReport> {
             .await
             .with_context(|| format!("connecting publisher {i} to {addr}"))?;
         let mut rb = ReadBuf::new(16 * 1024);
-        let recv_max =
-            mqtt_connect(&mut s, &mut rb, proto, &format!("mb{pid}-p{i}"), args.keepalive).await?;
+        let recv_max = mqtt_connect(
+            &mut s,
+            &mut rb,
+            proto,
+            &format!("mb{pid}-p{i}"),
+            args.keepalive,
+        )
+        .await?;
         if let Some(m) = recv_max {
             window = window.min(m.max(1) as usize);
         }
@@ -407,8 +420,7 @@ async fn publisher(
         }
         // Ask for writability while there is something to write or room in
         // the window to encode more (QoS 0: always, until stopping).
-        let lead_ok =
-            cfg.max_lead == 0 || seq.saturating_sub(pair.next_seq.get()) < cfg.max_lead;
+        let lead_ok = cfg.max_lead == 0 || seq.saturating_sub(pair.next_seq.get()) < cfg.max_lead;
         let window_ok = cfg.qos == 0 || inflight < window;
         let can_encode = !stopping && window_ok && lead_ok;
         let interest = if wb.is_empty() && !can_encode {

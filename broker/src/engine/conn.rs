@@ -7,7 +7,9 @@ use std::time::Instant;
 use ahash::AHashMap;
 use bytes::{Bytes, BytesMut};
 
-use crate::protocol::{self, Disconnect, DisconnectProperties, DisconnectReasonCode, Packet, Version};
+use crate::protocol::{
+    self, Disconnect, DisconnectProperties, DisconnectReasonCode, Packet, Version,
+};
 
 /// Output beyond this many bytes means the client is not reading: QoS 0 messages to it are
 /// dropped rather than buffered without bound (QoS 1/2 are bounded by the inflight window).

@@ -23,7 +23,9 @@ pub(super) fn refuse_undecodable_connect(conn: &mut Conn, e: &DecodeError) {
         }
         DecodeError::BadConnect { version, .. } => {
             conn.version = *version;
-            version.is_v5().then_some(ConnectReturnCode::MalformedPacket)
+            version
+                .is_v5()
+                .then_some(ConnectReturnCode::MalformedPacket)
         }
         _ => None,
     };
@@ -33,7 +35,11 @@ pub(super) fn refuse_undecodable_connect(conn: &mut Conn, e: &DecodeError) {
     conn.close();
 }
 
-fn connack(session_present: bool, code: ConnectReturnCode, props: Option<ConnAckProperties>) -> Packet {
+fn connack(
+    session_present: bool,
+    code: ConnectReturnCode,
+    props: Option<ConnAckProperties>,
+) -> Packet {
     Packet::ConnAck(ConnAck {
         session_present,
         code,
@@ -92,7 +98,11 @@ impl Engine {
         if client_id.is_empty() {
             if !v5 && !connect.clean_start {
                 // MQTT-3.1.3-8: a zero-byte id needs CleanSession=1.
-                return self.refuse(key, ConnectReturnCode::BadClientId, "empty client id without clean session");
+                return self.refuse(
+                    key,
+                    ConnectReturnCode::BadClientId,
+                    "empty client id without clean session",
+                );
             }
             client_id = self.assign_client_id();
             if v5 {
@@ -151,9 +161,14 @@ impl Engine {
         }
         let conn = &mut self.conns[key];
         conn.state = ConnState::Active;
-        conn.send(&connack(session_present, ConnectReturnCode::Success, v5.then_some(props)));
+        conn.send(&connack(
+            session_present,
+            ConnectReturnCode::Success,
+            v5.then_some(props),
+        ));
         tracing::debug!(conn = key, client_id = %self.sessions[skey].client_id, session_present, "connected");
-        self.cluster.client_connected(&self.sessions[skey].client_id);
+        self.cluster
+            .client_connected(&self.sessions[skey].client_id);
         self.resume_delivery(skey, now);
     }
 
@@ -166,10 +181,16 @@ impl Engine {
     ) -> Result<(), (ConnectReturnCode, &'static str)> {
         if let Some(p) = &connect.properties {
             if p.receive_maximum == Some(0) || p.max_packet_size == Some(0) {
-                return Err((ConnectReturnCode::ProtocolError, "receive maximum or maximum packet size of 0"));
+                return Err((
+                    ConnectReturnCode::ProtocolError,
+                    "receive maximum or maximum packet size of 0",
+                ));
             }
             if p.authentication_method.is_some() {
-                return Err((ConnectReturnCode::BadAuthenticationMethod, "enhanced authentication is not supported"));
+                return Err((
+                    ConnectReturnCode::BadAuthenticationMethod,
+                    "enhanced authentication is not supported",
+                ));
             }
         }
         if let Some(w) = will {
@@ -177,18 +198,32 @@ impl Engine {
                 .ok()
                 .is_some_and(|t| topic_trie::validate_topic_name(t).is_ok());
             if !topic_ok {
-                let code = if v5 { ConnectReturnCode::TopicNameInvalid } else { ConnectReturnCode::ServiceUnavailable };
+                let code = if v5 {
+                    ConnectReturnCode::TopicNameInvalid
+                } else {
+                    ConnectReturnCode::ServiceUnavailable
+                };
                 return Err((code, "invalid will topic"));
             }
             if w.qos as u8 > self.config.mqtt.maximum_qos {
                 return Err((ConnectReturnCode::QoSNotSupported, "will QoS not supported"));
             }
             if w.retain && !self.config.mqtt.retain_available {
-                return Err((ConnectReturnCode::RetainNotSupported, "retain not supported"));
+                return Err((
+                    ConnectReturnCode::RetainNotSupported,
+                    "retain not supported",
+                ));
             }
-            let utf8_declared = w.properties.as_ref().and_then(|p| p.payload_format_indicator) == Some(1);
+            let utf8_declared = w
+                .properties
+                .as_ref()
+                .and_then(|p| p.payload_format_indicator)
+                == Some(1);
             if utf8_declared && std::str::from_utf8(&w.message).is_err() {
-                return Err((ConnectReturnCode::PayloadFormatInvalid, "will payload is not UTF-8"));
+                return Err((
+                    ConnectReturnCode::PayloadFormatInvalid,
+                    "will payload is not UTF-8",
+                ));
             }
         }
         Ok(())
@@ -221,13 +256,21 @@ impl Engine {
 
     /// Finds or creates the session for `client_id` and attaches connection `key` to it,
     /// taking it over from another connection if needed. Returns "session present".
-    fn attach_session(&mut self, key: ConnKey, client_id: String, clean_start: bool, expiry: u32, now: Instant) -> bool {
+    fn attach_session(
+        &mut self,
+        key: ConnKey,
+        client_id: String,
+        clean_start: bool,
+        expiry: u32,
+        now: Instant,
+    ) -> bool {
         if let Some(&skey) = self.client_ids.get(client_id.as_str()) {
             if let Some(old) = self.sessions[skey].conn {
                 // MQTT-3.1.4-3: the existing connection is closed (v5: DISCONNECT 0x8E).
                 tracing::info!(conn = old, client_id, "session taken over by conn {key}");
                 self.stats.takeovers += 1;
-                self.conns[old].disconnect(DisconnectReasonCode::SessionTakenOver, "session taken over");
+                self.conns[old]
+                    .disconnect(DisconnectReasonCode::SessionTakenOver, "session taken over");
                 self.end_connection(old, true, now);
             }
         }

@@ -203,7 +203,11 @@ impl Engine {
     ) {
         self.stats.protocol_errors += 1;
         let conn = &mut self.conns[key];
-        tracing::warn!(conn = key, ?reason, "closing connection: protocol violation: {why}");
+        tracing::warn!(
+            conn = key,
+            ?reason,
+            "closing connection: protocol violation: {why}"
+        );
         conn.disconnect(reason, why);
         self.end_connection(key, true, now);
     }
@@ -246,7 +250,9 @@ impl Engine {
     /// True when a closing connection has failed to flush its last bytes for a few ticks:
     /// the driver drops it without waiting for a client that does not read.
     pub fn should_abort(&self, key: ConnKey) -> bool {
-        self.conns.get(key).is_none_or(|c| c.close_ticks >= ABORT_AFTER_TICKS)
+        self.conns
+            .get(key)
+            .is_none_or(|c| c.close_ticks >= ABORT_AFTER_TICKS)
     }
 
     /// Server shutdown: every client is told (v5: DISCONNECT 0x8B) and its connection closed.
@@ -254,7 +260,10 @@ impl Engine {
         let keys: Vec<ConnKey> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             let conn = &mut self.conns[key];
-            conn.disconnect(DisconnectReasonCode::ServerShuttingDown, "server shutting down");
+            conn.disconnect(
+                DisconnectReasonCode::ServerShuttingDown,
+                "server shutting down",
+            );
             self.end_connection(key, false, now);
         }
     }
@@ -360,7 +369,8 @@ impl Engine {
             return;
         }
         if session.expiry_secs != u32::MAX {
-            session.expires_at = Some(now + std::time::Duration::from_secs(session.expiry_secs as u64));
+            session.expires_at =
+                Some(now + std::time::Duration::from_secs(session.expiry_secs as u64));
         }
         if let Some(will) = &session.will {
             if will.delay_secs == 0 {
@@ -369,7 +379,8 @@ impl Engine {
                     self.publish_will(msg, now);
                 }
             } else {
-                session.will_at = Some(now + std::time::Duration::from_secs(will.delay_secs as u64));
+                session.will_at =
+                    Some(now + std::time::Duration::from_secs(will.delay_secs as u64));
             }
         }
     }
@@ -428,3 +439,6 @@ fn packet_name(packet: &Packet) -> &'static str {
         _ => "packet before CONNECT",
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -20,28 +20,53 @@ impl Engine {
         let mqtt = &self.config.mqtt;
         let qos = p.qos as u8;
         if qos > mqtt.maximum_qos {
-            return self.protocol_error(key, DisconnectReasonCode::QoSNotSupported, "QoS not supported", now);
+            return self.protocol_error(
+                key,
+                DisconnectReasonCode::QoSNotSupported,
+                "QoS not supported",
+                now,
+            );
         }
         if p.retain && !mqtt.retain_available {
-            return self.protocol_error(key, DisconnectReasonCode::RetainNotSupported, "retain not supported", now);
+            return self.protocol_error(
+                key,
+                DisconnectReasonCode::RetainNotSupported,
+                "retain not supported",
+                now,
+            );
         }
         let mut topic = p.topic;
         let mut properties = p.properties;
         if let Some(props) = properties.as_mut() {
             if !props.subscription_identifiers.is_empty() {
                 // MQTT-3.3.4-6: only the server sends subscription identifiers.
-                return self.protocol_error(key, DisconnectReasonCode::ProtocolError, "subscription identifier in PUBLISH", now);
+                return self.protocol_error(
+                    key,
+                    DisconnectReasonCode::ProtocolError,
+                    "subscription identifier in PUBLISH",
+                    now,
+                );
             }
             if let Some(alias) = props.topic_alias.take() {
                 if alias == 0 || alias > self.config.limits.max_topic_alias {
-                    return self.protocol_error(key, DisconnectReasonCode::TopicAliasInvalid, "topic alias out of range", now);
+                    return self.protocol_error(
+                        key,
+                        DisconnectReasonCode::TopicAliasInvalid,
+                        "topic alias out of range",
+                        now,
+                    );
                 }
                 let conn = &mut self.conns[key];
                 if topic.is_empty() {
                     match conn.aliases_in.get(&alias) {
                         Some(t) => topic = t.clone(),
                         None => {
-                            return self.protocol_error(key, DisconnectReasonCode::ProtocolError, "unknown topic alias", now)
+                            return self.protocol_error(
+                                key,
+                                DisconnectReasonCode::ProtocolError,
+                                "unknown topic alias",
+                                now,
+                            )
                         }
                     }
                 } else if valid_topic(&topic) {
@@ -50,11 +75,22 @@ impl Engine {
             }
         }
         if !valid_topic(&topic) {
-            return self.protocol_error(key, DisconnectReasonCode::TopicNameInvalid, "invalid topic name", now);
+            return self.protocol_error(
+                key,
+                DisconnectReasonCode::TopicNameInvalid,
+                "invalid topic name",
+                now,
+            );
         }
         if let Some(props) = &properties {
-            if props.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
-                return self.protocol_error(key, DisconnectReasonCode::PayloadFormatInvalid, "payload is not UTF-8", now);
+            if props.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err()
+            {
+                return self.protocol_error(
+                    key,
+                    DisconnectReasonCode::PayloadFormatInvalid,
+                    "payload is not UTF-8",
+                    now,
+                );
             }
         }
         let Some(skey) = self.conns[key].session else {
@@ -67,7 +103,12 @@ impl Engine {
                 return self.conns[key].send(&pubrec(p.pkid));
             }
             if session.incoming_qos2.len() >= self.config.limits.receive_maximum as usize {
-                return self.protocol_error(key, DisconnectReasonCode::ReceiveMaximumExceeded, "receive maximum exceeded", now);
+                return self.protocol_error(
+                    key,
+                    DisconnectReasonCode::ReceiveMaximumExceeded,
+                    "receive maximum exceeded",
+                    now,
+                );
             }
             session.incoming_qos2.push(p.pkid);
         }
@@ -103,7 +144,10 @@ impl Engine {
 
     fn store_retained(&mut self, msg: &Rc<Message>) {
         if !self.retained.set(msg.clone()) {
-            tracing::warn!(topic = msg.topic_str(), "retained store full: message not retained");
+            tracing::warn!(
+                topic = msg.topic_str(),
+                "retained store full: message not retained"
+            );
         }
     }
 
@@ -158,7 +202,13 @@ impl Engine {
     }
 
     /// Sends `msg` to session `skey` now if its connection and window allow, else queues it.
-    pub(super) fn deliver(&mut self, skey: usize, msg: &Rc<Message>, delivery: Delivery, now: Instant) {
+    pub(super) fn deliver(
+        &mut self,
+        skey: usize,
+        msg: &Rc<Message>,
+        delivery: Delivery,
+        now: Instant,
+    ) {
         if msg.is_expired(now) {
             self.stats.dropped_expired += 1;
             return;
@@ -204,7 +254,15 @@ impl Engine {
         for m in session.inflight.iter() {
             match m.state {
                 InflightState::AwaitingAck => {
-                    send_publish(conn, &m.msg, &m.delivery, m.pkid, true, now, &mut self.stats);
+                    send_publish(
+                        conn,
+                        &m.msg,
+                        &m.delivery,
+                        m.pkid,
+                        true,
+                        now,
+                        &mut self.stats,
+                    );
                 }
                 InflightState::AwaitingComp => conn.send(&pubrel(m.pkid, PubRelReason::Success)),
             }
@@ -241,7 +299,13 @@ impl Engine {
     }
 
     /// Removes an acknowledged message from the window and lets the queue move up.
-    fn complete_inflight(&mut self, key: ConnKey, pkid: u16, expected: InflightState, now: Instant) {
+    fn complete_inflight(
+        &mut self,
+        key: ConnKey,
+        pkid: u16,
+        expected: InflightState,
+        now: Instant,
+    ) {
         let Some(skey) = self.conns[key].session else {
             return;
         };
@@ -261,9 +325,10 @@ impl Engine {
         };
         let session = &mut self.sessions[skey];
         let conn = &mut self.conns[key];
-        let pos = session
-            .inflight_position(rec.pkid)
-            .filter(|&p| session.inflight[p].state == InflightState::AwaitingAck && session.inflight[p].delivery.qos == 2);
+        let pos = session.inflight_position(rec.pkid).filter(|&p| {
+            session.inflight[p].state == InflightState::AwaitingAck
+                && session.inflight[p].delivery.qos == 2
+        });
         match pos {
             Some(pos) if is_error_reason(&rec.reason) => {
                 // The receiver refused it: the exchange ends here (v5 §4.3.3).
@@ -299,12 +364,20 @@ impl Engine {
 
     pub(super) fn handle_disconnect(&mut self, key: ConnKey, d: Disconnect, now: Instant) {
         if let Some(skey) = self.conns[key].session {
-            let requested = d.properties.as_ref().and_then(|p| p.session_expiry_interval);
+            let requested = d
+                .properties
+                .as_ref()
+                .and_then(|p| p.session_expiry_interval);
             if let Some(expiry) = requested {
                 let session = &mut self.sessions[skey];
                 if session.expiry_secs == 0 && expiry > 0 {
                     // MQTT-3.14.2-2: expiry 0 at CONNECT cannot be raised at DISCONNECT.
-                    return self.protocol_error(key, DisconnectReasonCode::ProtocolError, "session expiry raised from 0", now);
+                    return self.protocol_error(
+                        key,
+                        DisconnectReasonCode::ProtocolError,
+                        "session expiry raised from 0",
+                        now,
+                    );
                 }
                 session.expiry_secs = expiry.min(self.config.limits.max_session_expiry_secs);
             }
@@ -329,7 +402,10 @@ fn is_empty_props(p: &PublishProperties) -> bool {
 }
 
 fn is_error_reason(r: &PubRecReason) -> bool {
-    !matches!(r, PubRecReason::Success | PubRecReason::NoMatchingSubscribers)
+    !matches!(
+        r,
+        PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+    )
 }
 
 fn pubrec(pkid: u16) -> Packet {
@@ -354,7 +430,14 @@ fn window_of(conn: &Conn, max_inflight: u16) -> usize {
 }
 
 /// Sends a new QoS 1/2 message with a fresh packet id and records it as inflight.
-fn start_inflight(conn: &mut Conn, session: &mut Session, msg: Rc<Message>, delivery: Delivery, now: Instant, stats: &mut Stats) {
+fn start_inflight(
+    conn: &mut Conn,
+    session: &mut Session,
+    msg: Rc<Message>,
+    delivery: Delivery,
+    now: Instant,
+    stats: &mut Stats,
+) {
     let pkid = session.next_pkid();
     if send_publish(conn, &msg, &delivery, pkid, false, now, stats) {
         session.inflight.push_back(Inflight {
@@ -368,7 +451,15 @@ fn start_inflight(conn: &mut Conn, session: &mut Session, msg: Rc<Message>, deli
 
 /// Encodes one PUBLISH of `msg` for this connection. Returns false if it was dropped
 /// because it exceeds the client's Maximum Packet Size (v5 §3.1.2.11.4: discarded as if sent).
-fn send_publish(conn: &mut Conn, msg: &Message, delivery: &Delivery, pkid: u16, dup: bool, now: Instant, stats: &mut Stats) -> bool {
+fn send_publish(
+    conn: &mut Conn,
+    msg: &Message,
+    delivery: &Delivery,
+    pkid: u16,
+    dup: bool,
+    now: Instant,
+    stats: &mut Stats,
+) -> bool {
     let mut publish = Publish {
         dup,
         qos: qos_from_u8(delivery.qos),
@@ -395,20 +486,30 @@ fn send_publish(conn: &mut Conn, msg: &Message, delivery: &Delivery, pkid: u16, 
 
 /// The v5 properties of one outgoing copy: the publisher's, the remaining expiry and this
 /// subscriber's subscription identifiers. `None` (the fast path) when there are none.
-fn outgoing_properties(msg: &Message, delivery: &Delivery, now: Instant) -> Option<PublishProperties> {
+fn outgoing_properties(
+    msg: &Message,
+    delivery: &Delivery,
+    now: Instant,
+) -> Option<PublishProperties> {
     if msg.properties.is_none() && delivery.subscription_ids.is_empty() {
         return None;
     }
     let mut props = msg.properties.clone().unwrap_or_default();
     props.message_expiry_interval = msg.remaining_expiry(now);
-    props.subscription_identifiers = delivery.subscription_ids.iter().map(|&id| id as usize).collect();
+    props.subscription_identifiers = delivery
+        .subscription_ids
+        .iter()
+        .map(|&id| id as usize)
+        .collect();
     Some(props)
 }
 
 /// Replaces the topic by an alias the client already knows, or teaches it a new one while
 /// its Topic Alias Maximum allows (v5 §3.3.2.3.4).
 fn apply_topic_alias(conn: &mut Conn, publish: &mut Publish) {
-    let props = publish.properties.get_or_insert_with(PublishProperties::default);
+    let props = publish
+        .properties
+        .get_or_insert_with(PublishProperties::default);
     if let Some(&alias) = conn.aliases_out.get(&publish.topic) {
         props.topic_alias = Some(alias);
         publish.topic = bytes::Bytes::new();

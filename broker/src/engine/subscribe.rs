@@ -26,10 +26,20 @@ impl Engine {
         let subscription_id = s.properties.as_ref().and_then(|p| p.id);
         if let Some(id) = subscription_id {
             if id == 0 || id > 268_435_455 {
-                return self.protocol_error(key, DisconnectReasonCode::ProtocolError, "subscription identifier out of range", now);
+                return self.protocol_error(
+                    key,
+                    DisconnectReasonCode::ProtocolError,
+                    "subscription identifier out of range",
+                    now,
+                );
             }
             if !self.config.mqtt.subscription_identifiers {
-                return self.protocol_error(key, DisconnectReasonCode::SubscriptionIdentifiersNotSupported, "subscription identifiers not supported", now);
+                return self.protocol_error(
+                    key,
+                    DisconnectReasonCode::SubscriptionIdentifiersNotSupported,
+                    "subscription identifiers not supported",
+                    now,
+                );
             }
         }
         let Some(skey) = self.conns[key].session else {
@@ -79,7 +89,9 @@ impl Engine {
             SubscriptionFilter::Plain(filter) => filter,
             SubscriptionFilter::Shared { filter, .. } => {
                 if !mqtt.shared_subscriptions {
-                    return FilterOutcome::Refused(SubscribeReasonCode::SharedSubscriptionsNotSupported);
+                    return FilterOutcome::Refused(
+                        SubscribeReasonCode::SharedSubscriptionsNotSupported,
+                    );
                 }
                 if f.nolocal {
                     return FilterOutcome::Fatal("No Local on a shared subscription");
@@ -142,7 +154,10 @@ impl Engine {
         };
         let mut reasons = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
-            let existed = self.sessions[skey].subscriptions.remove(filter.as_str()).is_some();
+            let existed = self.sessions[skey]
+                .subscriptions
+                .remove(filter.as_str())
+                .is_some();
             if existed {
                 self.remove_subscription(skey, filter);
                 reasons.push(UnsubAckReason::Success);

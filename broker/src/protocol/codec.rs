@@ -21,7 +21,10 @@ pub enum DecodeError {
     /// A CONNECT with a protocol name or level the broker does not speak.
     UnsupportedProtocol(u8),
     /// A CONNECT whose version is known but whose contents are malformed.
-    BadConnect { version: Version, why: String },
+    BadConnect {
+        version: Version,
+        why: String,
+    },
 }
 
 impl DecodeError {
@@ -39,10 +42,15 @@ impl std::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DecodeError::Frame(FrameError::Incomplete) => write!(f, "incomplete packet"),
-            DecodeError::Frame(FrameError::MalformedLength) => write!(f, "malformed remaining length"),
+            DecodeError::Frame(FrameError::MalformedLength) => {
+                write!(f, "malformed remaining length")
+            }
             DecodeError::Frame(FrameError::InvalidType(t)) => write!(f, "invalid packet type {t}"),
             DecodeError::Frame(FrameError::ReservedFlags { packet_type, flags }) => {
-                write!(f, "reserved flags {flags:#06b} on packet type {packet_type}")
+                write!(
+                    f,
+                    "reserved flags {flags:#06b} on packet type {packet_type}"
+                )
             }
             DecodeError::Frame(FrameError::TooLarge { size }) => {
                 write!(f, "packet of {size} bytes exceeds the maximum packet size")
@@ -82,7 +90,10 @@ pub fn read_connect(
 /// Reads the protocol name, level and flags of a CONNECT body.
 fn connect_version(body: &[u8]) -> Result<Version, DecodeError> {
     let malformed = || DecodeError::Malformed("truncated CONNECT".into());
-    let name_len = u16::from_be_bytes([*body.first().ok_or_else(malformed)?, *body.get(1).ok_or_else(malformed)?]) as usize;
+    let name_len = u16::from_be_bytes([
+        *body.first().ok_or_else(malformed)?,
+        *body.get(1).ok_or_else(malformed)?,
+    ]) as usize;
     let name = body.get(2..2 + name_len).ok_or_else(malformed)?;
     let level = *body.get(2 + name_len).ok_or_else(malformed)?;
     let flags = *body.get(3 + name_len).ok_or_else(malformed)?;
@@ -129,9 +140,15 @@ pub fn read_packet(
     decode(buf, header, version).map(Some)
 }
 
-fn decode(buf: &mut BytesMut, header: FrameHeader, version: Version) -> Result<Packet, DecodeError> {
+fn decode(
+    buf: &mut BytesMut,
+    header: FrameHeader,
+    version: Version,
+) -> Result<Packet, DecodeError> {
     if header.packet_type == packet_type::AUTH && version == Version::V311 {
-        return Err(DecodeError::Frame(FrameError::InvalidType(packet_type::AUTH)));
+        return Err(DecodeError::Frame(FrameError::InvalidType(
+            packet_type::AUTH,
+        )));
     }
     if header.packet_type == packet_type::DISCONNECT && header.remaining_len == 0 {
         // A v5 DISCONNECT may omit its reason code; the codec crate refuses that form.

@@ -163,15 +163,24 @@ mod tests {
     #[test]
     fn five_byte_length_is_malformed() {
         let buf = [0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01];
-        assert_eq!(parse_header(&buf, u32::MAX), Err(FrameError::MalformedLength));
+        assert_eq!(
+            parse_header(&buf, u32::MAX),
+            Err(FrameError::MalformedLength)
+        );
     }
 
     #[test]
     fn incomplete_until_the_whole_frame_is_there() {
         assert_eq!(parse_header(&[], 100), Err(FrameError::Incomplete));
         assert_eq!(parse_header(&[0x30], 100), Err(FrameError::Incomplete));
-        assert_eq!(parse_header(&[0x30, 0x80], 100), Err(FrameError::Incomplete));
-        assert_eq!(parse_header(&[0x30, 2, 0], 100), Err(FrameError::Incomplete));
+        assert_eq!(
+            parse_header(&[0x30, 0x80], 100),
+            Err(FrameError::Incomplete)
+        );
+        assert_eq!(
+            parse_header(&[0x30, 2, 0], 100),
+            Err(FrameError::Incomplete)
+        );
         assert!(parse_header(&[0x30, 2, 0, 0], 100).is_ok());
     }
 
@@ -188,17 +197,29 @@ mod tests {
         assert!(parse_header(&[0x82, 0], 100).is_ok());
         assert_eq!(
             parse_header(&[0x80, 0], 100),
-            Err(FrameError::ReservedFlags { packet_type: 8, flags: 0 })
+            Err(FrameError::ReservedFlags {
+                packet_type: 8,
+                flags: 0
+            })
         );
         assert_eq!(
             parse_header(&[0xC1, 0], 100),
-            Err(FrameError::ReservedFlags { packet_type: 12, flags: 1 })
+            Err(FrameError::ReservedFlags {
+                packet_type: 12,
+                flags: 1
+            })
         );
         assert_eq!(
             parse_header(&[0x36, 0], 100),
-            Err(FrameError::ReservedFlags { packet_type: 3, flags: 6 })
+            Err(FrameError::ReservedFlags {
+                packet_type: 3,
+                flags: 6
+            })
         );
-        assert_eq!(parse_header(&[0x00, 0], 100), Err(FrameError::InvalidType(0)));
+        assert_eq!(
+            parse_header(&[0x00, 0], 100),
+            Err(FrameError::InvalidType(0))
+        );
         assert!(parse_header(&[0x62, 2, 0, 1], 100).is_ok());
         assert!(parse_header(&[0x3D, 0], 100).is_ok());
     }

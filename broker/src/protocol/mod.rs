@@ -14,9 +14,9 @@ pub mod v4;
 pub use rumqttc::v5::mqttbytes::v5::{
     ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, Disconnect,
     DisconnectProperties, DisconnectReasonCode, Filter, LastWill, LastWillProperties, Login,
-    Packet, PubAck, PubAckProperties, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
-    PingReq, PingResp, PubRel, PubRelReason, Publish, PublishProperties, RetainForwardRule, SubAck, Subscribe,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+    Packet, PingReq, PingResp, PubAck, PubAckProperties, PubAckReason, PubComp, PubCompReason,
+    PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, RetainForwardRule,
+    SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
 pub use rumqttc::v5::mqttbytes::QoS;
 

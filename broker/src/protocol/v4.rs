@@ -9,8 +9,8 @@ use rumqttc::mqttbytes::QoS as QoS4;
 
 use super::{
     ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter, LastWill, Login, Packet, PubAck,
-    PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, PubRel, PubRelReason, Publish,
-    QoS, RetainForwardRule, Subscribe, SubscribeReasonCode, Unsubscribe,
+    PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, PubRel, PubRelReason, Publish, QoS,
+    RetainForwardRule, Subscribe, SubscribeReasonCode, Unsubscribe,
 };
 
 fn qos_in(q: QoS4) -> QoS {
@@ -128,7 +128,9 @@ pub fn write(out: &mut BytesMut, packet: &Packet) {
                 .return_codes
                 .iter()
                 .map(|code| match code {
-                    SubscribeReasonCode::Success(q) => c4::SubscribeReasonCode::Success(qos_out(*q)),
+                    SubscribeReasonCode::Success(q) => {
+                        c4::SubscribeReasonCode::Success(qos_out(*q))
+                    }
                     _ => c4::SubscribeReasonCode::Failure,
                 })
                 .collect(),

@@ -39,7 +39,12 @@ impl RetainedStore {
     /// Appends the unexpired retained messages matching `filter` (a plain filter) to `out`.
     pub fn matching(&self, filter: &str, now: Instant, out: &mut Vec<Rc<Message>>) {
         if !filter.contains(['+', '#']) {
-            out.extend(self.by_topic.get(filter.as_bytes()).filter(|m| !m.is_expired(now)).cloned());
+            out.extend(
+                self.by_topic
+                    .get(filter.as_bytes())
+                    .filter(|m| !m.is_expired(now))
+                    .cloned(),
+            );
             return;
         }
         out.extend(

@@ -39,7 +39,12 @@ pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream) {
 
 /// One turn of a connection: read and handle what arrived, write what is pending, and
 /// finish when the engine is done with the connection or the socket is gone.
-fn poll_connection(engine: &mut Engine, key: ConnKey, stream: &TcpStream, cx: &mut Context<'_>) -> Poll<()> {
+fn poll_connection(
+    engine: &mut Engine,
+    key: ConnKey,
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
     for turn in 0.. {
         if engine.is_closing(key) {
             break;
@@ -106,7 +111,12 @@ fn read_once(engine: &mut Engine, key: ConnKey, stream: &TcpStream) -> io::Resul
 }
 
 /// Writes as much pending output as the socket takes, in as few syscalls as possible.
-fn flush(engine: &mut Engine, key: ConnKey, stream: &TcpStream, cx: &mut Context<'_>) -> io::Result<()> {
+fn flush(
+    engine: &mut Engine,
+    key: ConnKey,
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+) -> io::Result<()> {
     let mut written = 0;
     loop {
         let Some(out) = engine.output(key) else {

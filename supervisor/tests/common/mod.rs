@@ -1,0 +1,89 @@
+//! Test harness: runs the real `mqttd` binary on a free port and stops it by PID.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running broker process. Dropping it stops the process and checks it had not died.
+pub struct Broker {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        Broker::start_with(&[])
+    }
+
+    /// Starts mqttd with extra `--set key=value` overrides, e.g. `limits.max_inflight=2`.
+    pub fn start_with(sets: &[&str]) -> Broker {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqttd"));
+        cmd.args(["--bind", "127.0.0.1:0", "--log-level", "mqttd_broker=debug,info"]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn mqttd");
+        let stdout = child.stdout.take().expect("stdout");
+        // The broker prints "mqttd listening tcp ADDR" once bound; read until then.
+        let mut line = String::new();
+        let mut reader = BufReader::new(stdout);
+        loop {
+            line.clear();
+            let n = reader.read_line(&mut line).expect("read mqttd stdout");
+            assert!(n > 0, "mqttd exited before listening");
+            if let Some(addr) = line.trim().strip_prefix("mqttd listening tcp ") {
+                let addr = addr.parse().expect("listen address");
+                // Keep draining stdout so the broker never blocks on a full pipe.
+                std::thread::spawn(move || for _ in reader.lines() {});
+                return Broker { child, addr };
+            }
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Panics if the broker process has exited.
+    pub fn assert_alive(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            panic!("mqttd died: {status}");
+        }
+    }
+
+    /// Sends SIGTERM and waits (bounded) for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "mqttd did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let crashed = self.child.try_wait().ok().flatten();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(status) = crashed {
+            if !std::thread::panicking() && !status.success() {
+                panic!("mqttd had died during the test: {status}");
+            }
+        }
+    }
+}
