@@ -10,14 +10,14 @@ use ahash::AHashMap;
 
 use crate::shared::SharedGroups;
 
-/// A node keeps its literal children in a linear `Vec` up to this many, and in
-/// a hash map beyond. Most nodes of a real subscription set have one child
-/// (`dev/123/temp` style chains) and a one-entry hash table costs ~4 buckets
-/// plus the map header, whereas a one-entry `Vec` costs exactly one entry.
-/// Comparing up to 8 short strings is as fast as hashing one.
+/// A node keeps its literal children in a linearly searched slice up to this
+/// many, and in a hash map beyond. Most nodes of a real subscription set have
+/// one child (`dev/123/temp` style chains) and a one-entry hash table costs
+/// ~4 buckets plus the map header, whereas a one-entry slice costs exactly one
+/// entry. Comparing up to 8 short strings is about as fast as hashing one.
 const FEW_CHILDREN: usize = 8;
 
-/// Subscribers of one filter are kept in a `Vec` up to this many (one or two
+/// Subscribers of one filter are kept in a slice up to this many (one or two
 /// is the norm), then in a hash map so that (un)subscribing stays O(1) for
 /// popular filters with thousands of subscribers.
 const FEW_SUBS: usize = 16;

@@ -316,7 +316,7 @@ fn will_from(w: LastWill, origin: usize, now: Instant) -> Will {
                 message_expiry_interval: p.message_expiry_interval,
                 topic_alias: None,
                 response_topic: p.response_topic,
-                correlation_data: p.correlation_data,
+                correlation_data: p.correlation_data.map(|d| bytes::Bytes::copy_from_slice(&d)),
                 user_properties: p.user_properties,
                 subscription_identifiers: Vec::new(),
                 content_type: p.content_type,
@@ -326,9 +326,10 @@ fn will_from(w: LastWill, origin: usize, now: Instant) -> Will {
         None => (0, None, None),
     };
     Will {
+        // Copied: both are slices of the shared read buffer and the will may be kept long.
         msg: Message {
-            topic: w.topic,
-            payload: w.message,
+            topic: bytes::Bytes::copy_from_slice(&w.topic),
+            payload: bytes::Bytes::copy_from_slice(&w.message),
             qos: w.qos,
             retain: w.retain,
             properties,

@@ -5,6 +5,8 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
+
 use super::conn::{Conn, MAX_PENDING_OUTPUT};
 use super::message::{Delivery, Message};
 use super::session::{Inflight, InflightState, Queued, Session};
@@ -70,7 +72,8 @@ impl Engine {
                         }
                     }
                 } else if valid_topic(&topic) {
-                    conn.aliases_in.insert(alias, topic.clone());
+                    // Copied: the topic is a slice of the shared read buffer.
+                    conn.aliases_in.insert(alias, Bytes::copy_from_slice(&topic));
                 }
             }
         }
@@ -117,9 +120,17 @@ impl Engine {
             .as_ref()
             .and_then(|pr| pr.message_expiry_interval)
             .map(|s| now + Duration::from_secs(s as u64));
+        let (topic, payload) = if qos > 0 || p.retain {
+            if let Some(data) = properties.as_mut().and_then(|pr| pr.correlation_data.as_mut()) {
+                *data = Bytes::copy_from_slice(data);
+            }
+            detach(&topic, &p.payload)
+        } else {
+            (topic, p.payload)
+        };
         let msg = Rc::new(Message {
             topic,
-            payload: p.payload,
+            payload,
             qos: p.qos,
             retain: p.retain,
             properties: properties.filter(|pr| !is_empty_props(pr)),
@@ -388,6 +399,18 @@ impl Engine {
     }
 }
 
+/// Copies topic and payload into one allocation of their own. They arrive as slices of the
+/// worker's 64 KiB read buffer; a message that will be kept (QoS 1/2 windows and queues,
+/// retained) must not pin that whole buffer. QoS 0 is never kept, so it skips the copy.
+fn detach(topic: &Bytes, payload: &Bytes) -> (Bytes, Bytes) {
+    let mut both = BytesMut::with_capacity(topic.len() + payload.len());
+    both.extend_from_slice(topic);
+    both.extend_from_slice(payload);
+    let mut both = both.freeze();
+    let payload = both.split_off(topic.len());
+    (both, payload)
+}
+
 fn valid_topic(topic: &[u8]) -> bool {
     std::str::from_utf8(topic).is_ok_and(|t| topic_trie::validate_topic_name(t).is_ok())
 }
@@ -512,10 +535,10 @@ fn apply_topic_alias(conn: &mut Conn, publish: &mut Publish) {
         .get_or_insert_with(PublishProperties::default);
     if let Some(&alias) = conn.aliases_out.get(&publish.topic) {
         props.topic_alias = Some(alias);
-        publish.topic = bytes::Bytes::new();
+        publish.topic = Bytes::new();
     } else if conn.aliases_out.len() < conn.client_alias_max as usize {
         let alias = conn.aliases_out.len() as u16 + 1;
-        conn.aliases_out.insert(publish.topic.clone(), alias);
+        conn.aliases_out.insert(Bytes::copy_from_slice(&publish.topic), alias);
         props.topic_alias = Some(alias);
     } else if is_empty_props(props) && props.subscription_identifiers.is_empty() {
         publish.properties = None;

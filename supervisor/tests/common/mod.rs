@@ -1,10 +1,14 @@
 //! Test harness: runs the real `mqttd` binary on a free port and stops it by PID.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod raw;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod clients;
 
 /// A running broker process. Dropping it stops the process and checks it had not died.
 pub struct Broker {
