@@ -47,6 +47,9 @@ pub struct PubSubReport {
     pub broker_cpu_us_per_msg: Option<f64>,
     pub broker_rss_bytes: Option<u64>,
     pub generator_cpu_s: f64,
+    /// 1-minute load average when measuring started: on a shared 2-core box
+    /// anything much above 2 means other work competed for the CPUs.
+    pub host_loadavg_1m: f64,
 }
 
 /// Figures from the `idle` scenario.
@@ -69,6 +72,7 @@ pub struct IdleReport {
     pub rss_after_bytes: u64,
     pub rss_settled: bool,
     pub bytes_per_connection: f64,
+    pub host_loadavg_1m: f64,
 }
 
 fn rows(title: &str, rows: &[(&str, String)]) {
@@ -152,6 +156,7 @@ impl PubSubReport {
                 ),
                 ("broker RSS", opt(self.broker_rss_bytes.map(human_bytes))),
                 ("generator CPU s", format!("{:.2}", self.generator_cpu_s)),
+                ("host load avg (1m)", format!("{:.2}", self.host_loadavg_1m)),
             ],
         );
         println!(
@@ -204,6 +209,7 @@ impl IdleReport {
                         }
                     ),
                 ),
+                ("host load avg (1m)", format!("{:.2}", self.host_loadavg_1m)),
                 (
                     "bytes per idle connection",
                     format!("{:.0}", self.bytes_per_connection),
@@ -220,4 +226,12 @@ impl IdleReport {
 /// CPU seconds consumed by this process so far (for "is the generator the bottleneck?").
 pub fn self_cpu_seconds() -> f64 {
     crate::procfs::cpu_seconds(std::process::id()).unwrap_or(0.0)
+}
+
+/// 1-minute load average from /proc/loadavg (0 if unreadable).
+pub fn loadavg_1m() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
 }

@@ -9,7 +9,7 @@
 //! it to settle) and reports (after - before) / connections.
 
 use crate::procfs;
-use crate::report::IdleReport;
+use crate::report::{self, IdleReport};
 use crate::scenarios::{mqtt_connect, mqtt_subscribe, resolve, tcp_connect, ReadBuf};
 use crate::wire::Protocol;
 use anyhow::{bail, Context, Result};
@@ -29,7 +29,8 @@ pub struct IdleArgs {
     /// Total idle connections to open.
     #[arg(long, default_value_t = 15_000)]
     pub connections: usize,
-    /// Broker PID whose VmRSS is measured.
+    /// Broker PID whose VmRSS is measured. Use a freshly started broker:
+    /// memory freed by earlier connections is reused and hides the growth.
     #[arg(long)]
     pub broker_pid: u32,
     /// Child processes to spread the connections over.
@@ -106,6 +107,7 @@ pub fn run(args: IdleArgs) -> Result<()> {
         Duration::from_secs(10),
     )?;
 
+    let loadavg = report::loadavg_1m();
     let tag = format!("{}", std::process::id());
     let t0 = Instant::now();
     let mut children = Vec::new();
@@ -195,6 +197,7 @@ pub fn run(args: IdleArgs) -> Result<()> {
         rss_before_bytes: before,
         rss_after_bytes: after,
         rss_settled: settled,
+        host_loadavg_1m: loadavg,
         bytes_per_connection: if ok > 0 {
             (after as f64 - before as f64) / ok as f64
         } else {

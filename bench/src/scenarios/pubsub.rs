@@ -251,6 +251,7 @@ async fn run_async(args: PubSubArgs) -> Result<PubSubReport> {
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
     let broker_cpu0 = args.broker_pid.map(procfs::cpu_seconds).transpose()?;
     let self_cpu0 = report::self_cpu_seconds();
+    let loadavg = report::loadavg_1m();
     stats.phase.set(Phase::Measure);
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
@@ -340,6 +341,7 @@ async fn run_async(args: PubSubArgs) -> Result<PubSubReport> {
             .map(|c| c * 1e6 / received as f64),
         broker_rss_bytes: broker_rss,
         generator_cpu_s: self_cpu,
+        host_loadavg_1m: loadavg,
     })
 }
 

@@ -15,6 +15,15 @@ use crate::protocol::{
 /// dropped rather than buffered without bound (QoS 1/2 are bounded by the inflight window).
 pub const MAX_PENDING_OUTPUT: usize = 4 * 1024 * 1024;
 
+/// The v5 topic alias maps of one connection, both directions.
+#[derive(Debug, Default)]
+pub struct TopicAliases {
+    /// Topic -> alias the client has been taught by us.
+    pub outbound: AHashMap<Bytes, u16>,
+    /// Alias -> topic the client has taught us.
+    pub inbound: AHashMap<u16, Bytes>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnState {
     /// Accepted; no CONNECT yet.
@@ -46,8 +55,8 @@ pub struct Conn {
     pub client_max_packet: u32,
     /// Topic aliases the client accepts from us (v5 Topic Alias Maximum).
     pub client_alias_max: u16,
-    pub aliases_out: AHashMap<Bytes, u16>,
-    pub aliases_in: AHashMap<u16, Bytes>,
+    /// Topic aliases in use, allocated on first use (most connections never use any).
+    pub aliases: Option<Box<TopicAliases>>,
     /// The driver's waker, woken when `out` gains bytes or the connection must close.
     pub waker: Option<Waker>,
     /// Set when `out` gained bytes since the last wake (avoids redundant wakes).
@@ -71,8 +80,7 @@ impl Conn {
             client_receive_max: u16::MAX,
             client_max_packet: u32::MAX,
             client_alias_max: 0,
-            aliases_out: AHashMap::new(),
-            aliases_in: AHashMap::new(),
+            aliases: None,
             waker: None,
             wake_pending: false,
             close_ticks: 0,
@@ -83,6 +91,10 @@ impl Conn {
     pub fn send(&mut self, packet: &Packet) {
         protocol::write_packet(&mut self.out, self.version, packet);
         self.wake();
+    }
+
+    pub fn aliases(&mut self) -> &mut TopicAliases {
+        self.aliases.get_or_insert_with(Default::default)
     }
 
     pub fn wake(&mut self) {

@@ -136,7 +136,7 @@ impl Engine {
 
         let session_present = self.attach_session(key, client_id, connect.clean_start, expiry, now);
         let skey = self.conns[key].session.unwrap_or_default();
-        self.sessions[skey].will = will.map(|w| will_from(w, skey, now));
+        self.sessions[skey].will = will.map(|w| Box::new(will_from(w, skey, now)));
 
         if v5 {
             let cfg = &self.config;

@@ -60,7 +60,7 @@ impl Engine {
                 }
                 let conn = &mut self.conns[key];
                 if topic.is_empty() {
-                    match conn.aliases_in.get(&alias) {
+                    match conn.aliases().inbound.get(&alias) {
                         Some(t) => topic = t.clone(),
                         None => {
                             return self.protocol_error(
@@ -73,7 +73,7 @@ impl Engine {
                     }
                 } else if valid_topic(&topic) {
                     // Copied: the topic is a slice of the shared read buffer.
-                    conn.aliases_in.insert(alias, Bytes::copy_from_slice(&topic));
+                    conn.aliases().inbound.insert(alias, Bytes::copy_from_slice(&topic));
                 }
             }
         }
@@ -533,12 +533,14 @@ fn apply_topic_alias(conn: &mut Conn, publish: &mut Publish) {
     let props = publish
         .properties
         .get_or_insert_with(PublishProperties::default);
-    if let Some(&alias) = conn.aliases_out.get(&publish.topic) {
+    let max = conn.client_alias_max as usize;
+    let aliases = &mut conn.aliases().outbound;
+    if let Some(&alias) = aliases.get(&publish.topic) {
         props.topic_alias = Some(alias);
         publish.topic = Bytes::new();
-    } else if conn.aliases_out.len() < conn.client_alias_max as usize {
-        let alias = conn.aliases_out.len() as u16 + 1;
-        conn.aliases_out.insert(Bytes::copy_from_slice(&publish.topic), alias);
+    } else if aliases.len() < max {
+        let alias = aliases.len() as u16 + 1;
+        aliases.insert(Bytes::copy_from_slice(&publish.topic), alias);
         props.topic_alias = Some(alias);
     } else if is_empty_props(props) && props.subscription_identifiers.is_empty() {
         publish.properties = None;

@@ -54,7 +54,8 @@ pub struct Session {
     pub expires_at: Option<Instant>,
     /// Filter as the client sent it (including `$share/g/`) -> options.
     pub subscriptions: AHashMap<Box<str>, SubscriptionOptions>,
-    pub will: Option<Will>,
+    /// Boxed: most sessions have none, and a will is as large as a message.
+    pub will: Option<Box<Will>>,
     /// Set while offline with a delayed will: when it is published.
     pub will_at: Option<Instant>,
     /// Outbound QoS 1/2 messages not yet fully acknowledged, in the order sent.

@@ -254,3 +254,11 @@ fn offline_queue_is_bounded() {
     }
     assert_eq!(h.engine.stats.dropped_queue_full, 2);
 }
+
+/// Idle memory per connection is a headline figure: these structs are per connection and
+/// per session, so growing them is a decision to make knowingly (docs/PERFORMANCE.md).
+#[test]
+fn per_connection_structs_stay_small() {
+    assert!(std::mem::size_of::<super::Conn>() <= 160, "Conn grew");
+    assert!(std::mem::size_of::<super::Session>() <= 240, "Session grew");
+}

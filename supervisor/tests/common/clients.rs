@@ -2,7 +2,7 @@
 //! loops run in their own task, and tiny raw-socket clients for what rumqttc refuses to send.
 //!
 //! Every wait is bounded by [`DEADLINE`]; a test never sleeps hoping something happened.
-#![allow(dead_code)] // each test binary uses a different part of the helpers
+#![allow(dead_code, unused_imports)] // each test binary uses a different part of the helpers
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
