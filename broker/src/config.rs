@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 /// Everything a worker needs to know. `Default` is the embedded, no-outside-service setup.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listener: ListenerConfig,
@@ -130,17 +130,6 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".into(),
             format: LogFormat::Human,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listener: ListenerConfig::default(),
-            limits: Limits::default(),
-            mqtt: MqttConfig::default(),
-            log: LogConfig::default(),
         }
     }
 }

@@ -182,14 +182,6 @@ fn malformed(v: V) -> Expect {
     }
 }
 
-/// v5 DISCONNECT with one of `codes`, 3.1.1 close.
-fn disconnect(v: V, codes: &'static [u8]) -> Expect {
-    match v {
-        V::V5 => Expect::Disconnect(codes),
-        V::V3 => Expect::Close,
-    }
-}
-
 // ---------------------------------------------------------------- first packet not CONNECT
 
 // MQTT-3.1.0-1 (both versions): the first packet must be CONNECT, else close. The version
@@ -523,6 +515,26 @@ fn suback_from_client_v3() {
     after_connect("SUBACK from a client", V::V3, &[0x90, 0x03, 0x00, 0x01, 0x00], Expect::Close);
 }
 
+// AUTH when the CONNECT had no Authentication Method: the method is omitted, which
+// §3.15.2.2.2 calls a protocol error (0x82). 3.1.1 has no packet type 15: close.
+
+#[test]
+fn auth_without_method_v5() {
+    // Reason 0x18 (Continue authentication), empty property block.
+    after_connect("AUTH without an authentication method", V::V5, &[0xF0, 0x02, 0x18, 0x00], Expect::Disconnect(&[0x82]));
+}
+
+#[test]
+fn auth_short_form_v5() {
+    // §3.15.2.1: remaining length 0 means reason 0x00 and no properties.
+    after_connect("AUTH (short form) without an authentication method", V::V5, &[0xF0, 0x00], Expect::Disconnect(&[0x82]));
+}
+
+#[test]
+fn auth_packet_type_v3() {
+    after_connect("packet type 15 on 3.1.1", V::V3, &[0xF0, 0x02, 0x18, 0x00], Expect::Close);
+}
+
 // ---------------------------------------------------------------- truncated bodies
 
 // The remaining length is respected but a field inside claims more bytes than are left.
@@ -612,6 +624,7 @@ fn fuzz_random_garbage_after_connect() {
     let mut bystander = Bystander::join(broker.addr, V::V5);
     let mut bystander3 = Bystander::join(broker.addr, V::V3);
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    let mut disconnects = 0;
     for i in 0..200 {
         let v = if i % 2 == 0 { V::V5 } else { V::V3 };
         let (mut c, _) = Raw::connect(broker.addr, v, &client_id("fuzz"));
@@ -626,8 +639,20 @@ fn fuzz_random_garbage_after_connect() {
             hex(&bad),
             hex(&bytes)
         );
+        let (packets, _) = split_packets(&bytes);
+        if let Some(last) = packets.iter().position(|p| p[0] == 0xE0) {
+            // 3.1.1 has no server DISCONNECT; in v5 it is the last packet.
+            assert!(
+                v == V::V5 && last + 1 == packets.len(),
+                "fuzz #{i} ({v:?}) sent {}: misplaced DISCONNECT in {}",
+                hex(&bad),
+                hex(&bytes)
+            );
+            disconnects += 1;
+        }
         broker.assert_alive();
     }
+    eprintln!("fuzz: {disconnects} of 100 v5 connections were refused with DISCONNECT");
     bystander.assert_works();
     bystander3.assert_works();
     broker.assert_alive();

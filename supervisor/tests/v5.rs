@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::clients::raw5::{connect_packet, Raw};
 use common::clients::v5::*;
-use common::clients::{payload_str, DEADLINE};
+use common::clients::payload_str;
 use common::Broker;
 
 fn topic(p: &Publish) -> String {
@@ -596,7 +596,9 @@ async fn disconnect_with_will_message_sends_the_will() {
     let (mut raw, connack) =
         Raw::connect(&broker, connect_packet("dw-raw", true, None, Some(will("dw/raw", "bye", None)))).await;
     assert!(matches!(connack, Packet::ConnAck(ref c) if c.code == ConnectReturnCode::Success), "{connack:?}");
-    raw.send(&Packet::Disconnect(Disconnect::new(DisconnectReasonCode::DisconnectWithWillMessage))).await;
+    // DISCONNECT, reason 0x04, property length 0 (rumqttc's encoder would omit the property
+    // length, a form tested separately below).
+    raw.send_bytes(&[0xE0, 0x02, 0x04, 0x00]).await;
     let m = watcher.next_publish().await;
     assert_eq!(
         (topic(&m).as_str(), payload_str(&m.payload).as_str()),
@@ -618,6 +620,27 @@ async fn normal_disconnect_discards_the_will() {
     let mut publ = connect(opts(&broker, "nd-pub")).await;
     publ.publish("nd/marker", QoS::AtLeastOnce, false, "MARK").await;
     assert_eq!(payload_str(&watcher.next_publish().await.payload), "MARK", "no will after DISCONNECT 0x00");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_with_reason_code_but_no_property_length_is_valid() {
+    // [MQTT-3.14.2.2.1]: "If the Remaining Length is less than 2, a value of 0 is used" for the
+    // property length, so E0 01 00 is a well-formed normal DISCONNECT: the will is discarded.
+    let broker = Broker::start();
+    let mut watcher = connect(opts(&broker, "dr-watcher")).await;
+    watcher.subscribe("dr/#", QoS::AtLeastOnce).await;
+    let (mut raw, _) =
+        Raw::connect(&broker, connect_packet("dr-raw", true, None, Some(will("dr/raw", "bye", None)))).await;
+    raw.send_bytes(&[0xE0, 0x01, 0x00]).await;
+    assert_eq!(raw.recv().await, None, "broker should just close the connection after a valid DISCONNECT");
+    let mut publ = connect(opts(&broker, "dr-pub")).await;
+    publ.publish("dr/marker", QoS::AtLeastOnce, false, "MARK").await;
+    let m = watcher.next_publish().await;
+    assert_eq!(
+        (topic(&m).as_str(), payload_str(&m.payload).as_str()),
+        ("dr/marker", "MARK"),
+        "DISCONNECT E0 01 00 (reason 0x00, no property length) was treated as malformed: the will was published"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -647,9 +670,4 @@ async fn qos2_exactly_once_v5() {
     let m = sub.next_publish().await;
     assert_eq!((payload_str(&m.payload).as_str(), m.qos), ("once", QoS::ExactlyOnce));
     assert_eq!(payload_str(&sub.next_publish().await.payload), "MARK");
-}
-
-#[allow(dead_code)]
-fn _deadline() -> Duration {
-    DEADLINE
 }

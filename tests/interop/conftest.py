@@ -59,10 +59,11 @@ class Broker:
         return self.proc.poll() is None
 
     def log_tail(self, n=40):
-        try:
-            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "<no log>"
+        out = []
+        for path in (Path(self.log_path), Path(self.log_path).with_suffix(".stdout")):
+            if path.exists():
+                out += path.read_text(errors="replace").splitlines()[-n:]
+        return "\n".join(out) or "<no log>"
 
     def stop(self):
         """Terminate by PID, kill after a deadline. Returns True if it was alive."""

@@ -121,6 +121,8 @@ struct Pair {
 
 struct Cfg {
     max_lead: u64,
+    /// QoS 1 window per publisher (unacked publishes).
+    window: usize,
     proto: Protocol,
     qos: u8,
     payload: usize,
@@ -147,13 +149,6 @@ pub fn run(args: PubSubArgs) -> Result<()> {
 async fn run_async(args: PubSubArgs) -> Result<PubSubReport> {
     let addr = resolve(&args.host, args.port)?;
     let proto = Protocol::from_level(args.protocol)?;
-    let cfg = Rc::new(Cfg {
-        max_lead: if args.payload >= 16 { args.max_lead } else { 0 },
-        proto,
-        qos: args.qos,
-        payload: args.payload,
-        keepalive: args.keepalive,
-    });
     let stats = Rc::new(Stats {
         phase: Cell::new(Phase::Warmup),
         sent_measured: Cell::new(0),
@@ -213,6 +208,14 @@ async fn run_async(args: PubSubArgs) -> Result<PubSubReport> {
     }
     let window = if args.qos > 0 { window } else { 0 };
 
+    let cfg = Rc::new(Cfg {
+        max_lead: if args.payload >= 16 { args.max_lead } else { 0 },
+        proto,
+        qos: args.qos,
+        payload: args.payload,
+        keepalive: args.keepalive,
+        window,
+    });
     let (stop_pub_tx, stop_pub_rx) = watch::channel(false);
     let (stop_sub_tx, stop_sub_rx) = watch::channel(false);
     let pairs: Vec<Rc<Pair>> = (0..args.pairs)
@@ -242,7 +245,6 @@ async fn run_async(args: PubSubArgs) -> Result<PubSubReport> {
             topic,
             pair.clone(),
             cfg.clone(),
-            window,
             stats.clone(),
             stop_pub_rx.clone(),
         )));
@@ -364,10 +366,10 @@ async fn publisher(
     topic: Vec<u8>,
     pair: Rc<Pair>,
     cfg: Rc<Cfg>,
-    window: usize,
     stats: Rc<Stats>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
+    let window = cfg.window;
     let frame = wire::publish_size(cfg.proto, topic.len(), cfg.qos, cfg.payload);
     let mut wb = BytesMut::with_capacity(HIGH_WATER + frame);
     let with_seq = cfg.payload >= 16;

@@ -28,12 +28,17 @@ impl Broker {
         for s in sets {
             cmd.args(["--set", s]);
         }
-        let mut child = cmd
+        let child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn mqttd");
-        let stdout = child.stdout.take().expect("stdout");
+        // Owned by the guard from here on, so a failed start still kills the process.
+        let mut broker = Broker {
+            child,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
+        let stdout = broker.child.stdout.take().expect("stdout");
         // The broker prints "mqttd listening tcp ADDR" once bound; read until then.
         let mut line = String::new();
         let mut reader = BufReader::new(stdout);
@@ -42,10 +47,10 @@ impl Broker {
             let n = reader.read_line(&mut line).expect("read mqttd stdout");
             assert!(n > 0, "mqttd exited before listening");
             if let Some(addr) = line.trim().strip_prefix("mqttd listening tcp ") {
-                let addr = addr.parse().expect("listen address");
+                broker.addr = addr.parse().expect("listen address");
                 // Keep draining stdout so the broker never blocks on a full pipe.
                 std::thread::spawn(move || for _ in reader.lines() {});
-                return Broker { child, addr };
+                return broker;
             }
         }
     }
