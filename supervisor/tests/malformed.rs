@@ -55,7 +55,10 @@ fn verify(bytes: &[u8], end: &End, expect: Expect) -> Result<(), String> {
     let one = |what: &str| -> Result<&Vec<u8>, String> {
         match packets.as_slice() {
             [p] => Ok(p),
-            _ => Err(format!("expected exactly one packet ({what}), got {}", packets.len())),
+            _ => Err(format!(
+                "expected exactly one packet ({what}), got {}",
+                packets.len()
+            )),
         }
     };
     match expect {
@@ -64,7 +67,10 @@ fn verify(bytes: &[u8], end: &End, expect: Expect) -> Result<(), String> {
         Expect::Disconnect(codes) => {
             let p = one("DISCONNECT")?;
             if p[0] != 0xE0 {
-                return Err(format!("packet type byte {:#04X}, not DISCONNECT 0xE0", p[0]));
+                return Err(format!(
+                    "packet type byte {:#04X}, not DISCONNECT 0xE0",
+                    p[0]
+                ));
             }
             match body(p).first() {
                 Some(code) if codes.contains(code) => Ok(()),
@@ -107,13 +113,20 @@ impl Bystander {
         let (mut raw, _) = Raw::connect(addr, v, &id);
         let topic = format!("bystander/{id}");
         raw.send(&subscribe(v, 1, topic.as_bytes(), 0));
-        let suback = raw.read_packet().expect("read SUBACK").expect("SUBACK, got EOF");
+        let suback = raw
+            .read_packet()
+            .expect("read SUBACK")
+            .expect("SUBACK, got EOF");
         assert!(
             suback[0] == 0x90 && suback.last() == Some(&0x00),
             "bystander SUBSCRIBE refused: {}",
             hex(&suback)
         );
-        Bystander { raw, topic, next: 10 }
+        Bystander {
+            raw,
+            topic,
+            next: 10,
+        }
     }
 
     /// Publishes QoS 1 to its own subscription and waits for both the PUBACK and the message.
@@ -122,7 +135,14 @@ impl Bystander {
         let pkid = self.next;
         let payload = format!("bystander still served {pkid}");
         let v = self.raw.v;
-        self.raw.send(&publish(v, self.topic.as_bytes(), 1, pkid, &[], payload.as_bytes()));
+        self.raw.send(&publish(
+            v,
+            self.topic.as_bytes(),
+            1,
+            pkid,
+            &[],
+            payload.as_bytes(),
+        ));
         let (mut acked, mut received) = (false, false);
         while !(acked && received) {
             let p = match self.raw.read_packet() {
@@ -163,7 +183,10 @@ fn scenario(
     act(&mut bad, &connack);
     let (bytes, end) = bad.read_until_close();
     if let Err(why) = verify(&bytes, &end, expect) {
-        panic!("{name} ({v:?}): {why}\n  expected: {expect}\n  received: {} then {end:?}", hex(&bytes));
+        panic!(
+            "{name} ({v:?}): {why}\n  expected: {expect}\n  received: {} then {end:?}",
+            hex(&bytes)
+        );
     }
     bystander.assert_works();
     broker.assert_alive();
@@ -191,14 +214,28 @@ fn malformed(v: V) -> Expect {
 fn first_packet_publish_closes() {
     for v in [V::V3, V::V5] {
         let bad = publish(V::V3, b"a/b", 0, 0, &[], b"hello");
-        scenario("PUBLISH before CONNECT", v, &[], false, |c, _| c.send(&bad), Expect::Close);
+        scenario(
+            "PUBLISH before CONNECT",
+            v,
+            &[],
+            false,
+            |c, _| c.send(&bad),
+            Expect::Close,
+        );
     }
 }
 
 #[test]
 fn first_packet_pingreq_closes() {
     for v in [V::V3, V::V5] {
-        scenario("PINGREQ before CONNECT", v, &[], false, |c, _| c.send(&[0xC0, 0x00]), Expect::Close);
+        scenario(
+            "PINGREQ before CONNECT",
+            v,
+            &[],
+            false,
+            |c, _| c.send(&[0xC0, 0x00]),
+            Expect::Close,
+        );
     }
 }
 
@@ -239,12 +276,22 @@ fn subscribe_flags_zero_v3() {
 
 #[test]
 fn pubrel_flags_zero_v5() {
-    after_connect("PUBREL with flags 0000", V::V5, &[0x60, 0x02, 0x00, 0x01], malformed(V::V5));
+    after_connect(
+        "PUBREL with flags 0000",
+        V::V5,
+        &[0x60, 0x02, 0x00, 0x01],
+        malformed(V::V5),
+    );
 }
 
 #[test]
 fn pubrel_flags_zero_v3() {
-    after_connect("PUBREL with flags 0000", V::V3, &[0x60, 0x02, 0x00, 0x01], malformed(V::V3));
+    after_connect(
+        "PUBREL with flags 0000",
+        V::V3,
+        &[0x60, 0x02, 0x00, 0x01],
+        malformed(V::V3),
+    );
 }
 
 #[test]
@@ -280,7 +327,14 @@ fn publish_qos3_v3() {
 
 fn connect_reserved_flag(v: V, expect: Expect) {
     let bad = connect_raw(b"MQTT", level(v), 0x03, &client_id("reserved"));
-    scenario("CONNECT reserved flag bit 0", v, &[], false, |c, _| c.send(&bad), expect);
+    scenario(
+        "CONNECT reserved flag bit 0",
+        v,
+        &[],
+        false,
+        |c, _| c.send(&bad),
+        expect,
+    );
 }
 
 #[test]
@@ -317,7 +371,12 @@ fn remaining_length_five_bytes_v3() {
 #[test]
 fn publish_topic_invalid_utf8_v5() {
     let bad = publish(V::V5, &[b'a', b'/', 0xC3, 0x28], 0, 0, &[], b"x");
-    after_connect("PUBLISH topic C3 28", V::V5, &bad, Expect::Disconnect(&[0x81, 0x90]));
+    after_connect(
+        "PUBLISH topic C3 28",
+        V::V5,
+        &bad,
+        Expect::Disconnect(&[0x81, 0x90]),
+    );
 }
 
 #[test]
@@ -329,7 +388,12 @@ fn publish_topic_invalid_utf8_v3() {
 #[test]
 fn publish_topic_null_char_v5() {
     let bad = publish(V::V5, b"a/\0/b", 0, 0, &[], b"x");
-    after_connect("PUBLISH topic with U+0000", V::V5, &bad, Expect::Disconnect(&[0x81, 0x90]));
+    after_connect(
+        "PUBLISH topic with U+0000",
+        V::V5,
+        &bad,
+        Expect::Disconnect(&[0x81, 0x90]),
+    );
 }
 
 #[test]
@@ -353,13 +417,23 @@ fn subscribe_filter_invalid_utf8_v3() {
 #[test]
 fn subscribe_filter_null_char_v5() {
     let bad = subscribe(V::V5, 1, b"a/\0/b", 0);
-    after_connect("SUBSCRIBE filter with U+0000", V::V5, &bad, malformed(V::V5));
+    after_connect(
+        "SUBSCRIBE filter with U+0000",
+        V::V5,
+        &bad,
+        malformed(V::V5),
+    );
 }
 
 #[test]
 fn subscribe_filter_null_char_v3() {
     let bad = subscribe(V::V3, 1, b"a/\0/b", 0);
-    after_connect("SUBSCRIBE filter with U+0000", V::V3, &bad, malformed(V::V3));
+    after_connect(
+        "SUBSCRIBE filter with U+0000",
+        V::V3,
+        &bad,
+        malformed(V::V3),
+    );
 }
 
 // MQTT-3.3.2-2: a topic name must not contain wildcards (v5: 0x90 Topic Name invalid).
@@ -368,7 +442,12 @@ fn subscribe_filter_null_char_v3() {
 fn publish_topic_wildcard_v5() {
     for topic in [&b"a/+"[..], b"a/#"] {
         let bad = publish(V::V5, topic, 0, 0, &[], b"x");
-        after_connect("PUBLISH to a wildcard topic", V::V5, &bad, Expect::Disconnect(&[0x90]));
+        after_connect(
+            "PUBLISH to a wildcard topic",
+            V::V5,
+            &bad,
+            Expect::Disconnect(&[0x90]),
+        );
     }
 }
 
@@ -416,13 +495,27 @@ fn oversize_publish_header_only_v3() {
 #[test]
 fn unsupported_protocol_mqisdp_level3() {
     let bad = connect_raw(b"MQIsdp", 3, 0x02, &client_id("mqisdp"));
-    scenario("CONNECT MQIsdp level 3", V::V3, &[], false, |c, _| c.send(&bad), Expect::Connack(V::V3, 0x01));
+    scenario(
+        "CONNECT MQIsdp level 3",
+        V::V3,
+        &[],
+        false,
+        |c, _| c.send(&bad),
+        Expect::Connack(V::V3, 0x01),
+    );
 }
 
 #[test]
 fn unsupported_protocol_level6() {
     let bad = connect_raw(b"MQTT", 6, 0x02, &client_id("level6"));
-    scenario("CONNECT MQTT level 6", V::V5, &[], false, |c, _| c.send(&bad), Expect::Connack(V::V3, 0x01));
+    scenario(
+        "CONNECT MQTT level 6",
+        V::V5,
+        &[],
+        false,
+        |c, _| c.send(&bad),
+        Expect::Connack(V::V3, 0x01),
+    );
 }
 
 // ---------------------------------------------------------------- topic aliases (v5)
@@ -445,7 +538,14 @@ fn topic_alias_above_maximum_v5() {
         |c, connack| {
             let max = connack_u16(connack, 0x22).unwrap_or(0);
             let alias = (max + 1).to_be_bytes();
-            c.send(&publish(V::V5, b"a/b", 0, 0, &[0x23, alias[0], alias[1]], b"x"));
+            c.send(&publish(
+                V::V5,
+                b"a/b",
+                0,
+                0,
+                &[0x23, alias[0], alias[1]],
+                b"x",
+            ));
         },
         Expect::Disconnect(&[0x94]),
     );
@@ -455,7 +555,12 @@ fn topic_alias_above_maximum_v5() {
 #[test]
 fn topic_alias_unknown_with_empty_topic_v5() {
     let bad = publish(V::V5, b"", 0, 0, &[0x23, 0x00, 0x01], b"x");
-    after_connect("unknown topic alias, empty topic", V::V5, &bad, Expect::Disconnect(&[0x82]));
+    after_connect(
+        "unknown topic alias, empty topic",
+        V::V5,
+        &bad,
+        Expect::Disconnect(&[0x82]),
+    );
 }
 
 // ---------------------------------------------------------------- receive maximum (v5)
@@ -470,14 +575,20 @@ fn qos2_receive_maximum_exceeded_v5() {
         true,
         |c, connack| {
             let max = connack_u16(connack, 0x21).unwrap_or(u16::MAX);
-            assert!(max < 1000, "CONNACK Receive Maximum {max}: too many to test");
+            assert!(
+                max < 1000,
+                "CONNACK Receive Maximum {max}: too many to test"
+            );
             let mut all = Vec::new();
             for pkid in 1..=max {
                 all.extend(publish(V::V5, b"rm/t", 2, pkid, &[], b"x"));
             }
             c.send(&all);
             for pkid in 1..=max {
-                let p = c.read_packet().expect("read PUBREC").expect("PUBREC, got EOF");
+                let p = c
+                    .read_packet()
+                    .expect("read PUBREC")
+                    .expect("PUBREC, got EOF");
                 assert!(
                     p[0] == 0x50 && body(&p)[..2] == pkid.to_be_bytes(),
                     "expected PUBREC {pkid}, got {}",
@@ -497,22 +608,42 @@ fn qos2_receive_maximum_exceeded_v5() {
 
 #[test]
 fn connack_from_client_v5() {
-    after_connect("CONNACK from a client", V::V5, &[0x20, 0x03, 0x00, 0x00, 0x00], Expect::Disconnect(&[0x82, 0x81]));
+    after_connect(
+        "CONNACK from a client",
+        V::V5,
+        &[0x20, 0x03, 0x00, 0x00, 0x00],
+        Expect::Disconnect(&[0x82, 0x81]),
+    );
 }
 
 #[test]
 fn connack_from_client_v3() {
-    after_connect("CONNACK from a client", V::V3, &[0x20, 0x02, 0x00, 0x00], Expect::Close);
+    after_connect(
+        "CONNACK from a client",
+        V::V3,
+        &[0x20, 0x02, 0x00, 0x00],
+        Expect::Close,
+    );
 }
 
 #[test]
 fn suback_from_client_v5() {
-    after_connect("SUBACK from a client", V::V5, &[0x90, 0x04, 0x00, 0x01, 0x00, 0x00], Expect::Disconnect(&[0x82, 0x81]));
+    after_connect(
+        "SUBACK from a client",
+        V::V5,
+        &[0x90, 0x04, 0x00, 0x01, 0x00, 0x00],
+        Expect::Disconnect(&[0x82, 0x81]),
+    );
 }
 
 #[test]
 fn suback_from_client_v3() {
-    after_connect("SUBACK from a client", V::V3, &[0x90, 0x03, 0x00, 0x01, 0x00], Expect::Close);
+    after_connect(
+        "SUBACK from a client",
+        V::V3,
+        &[0x90, 0x03, 0x00, 0x01, 0x00],
+        Expect::Close,
+    );
 }
 
 // AUTH when the CONNECT had no Authentication Method: the method is omitted, which
@@ -521,18 +652,33 @@ fn suback_from_client_v3() {
 #[test]
 fn auth_without_method_v5() {
     // Reason 0x18 (Continue authentication), empty property block.
-    after_connect("AUTH without an authentication method", V::V5, &[0xF0, 0x02, 0x18, 0x00], Expect::Disconnect(&[0x82]));
+    after_connect(
+        "AUTH without an authentication method",
+        V::V5,
+        &[0xF0, 0x02, 0x18, 0x00],
+        Expect::Disconnect(&[0x82]),
+    );
 }
 
 #[test]
 fn auth_short_form_v5() {
     // §3.15.2.1: remaining length 0 means reason 0x00 and no properties.
-    after_connect("AUTH (short form) without an authentication method", V::V5, &[0xF0, 0x00], Expect::Disconnect(&[0x82]));
+    after_connect(
+        "AUTH (short form) without an authentication method",
+        V::V5,
+        &[0xF0, 0x00],
+        Expect::Disconnect(&[0x82]),
+    );
 }
 
 #[test]
 fn auth_packet_type_v3() {
-    after_connect("packet type 15 on 3.1.1", V::V3, &[0xF0, 0x02, 0x18, 0x00], Expect::Close);
+    after_connect(
+        "packet type 15 on 3.1.1",
+        V::V3,
+        &[0xF0, 0x02, 0x18, 0x00],
+        Expect::Close,
+    );
 }
 
 // ---------------------------------------------------------------- truncated bodies
@@ -542,26 +688,52 @@ fn auth_packet_type_v3() {
 #[test]
 fn subscribe_truncated_filter_v5() {
     // pkid 1, no properties, filter length 32 but 5 bytes left.
-    let bad = packet(0x82, &[0x00, 0x01, 0x00, 0x00, 0x20, b'a', b'a', b'a', b'a', b'a']);
-    after_connect("SUBSCRIBE filter longer than the packet", V::V5, &bad, malformed(V::V5));
+    let bad = packet(
+        0x82,
+        &[0x00, 0x01, 0x00, 0x00, 0x20, b'a', b'a', b'a', b'a', b'a'],
+    );
+    after_connect(
+        "SUBSCRIBE filter longer than the packet",
+        V::V5,
+        &bad,
+        malformed(V::V5),
+    );
 }
 
 #[test]
 fn subscribe_truncated_filter_v3() {
-    let bad = packet(0x82, &[0x00, 0x01, 0x00, 0x20, b'a', b'a', b'a', b'a', b'a', b'a']);
-    after_connect("SUBSCRIBE filter longer than the packet", V::V3, &bad, malformed(V::V3));
+    let bad = packet(
+        0x82,
+        &[0x00, 0x01, 0x00, 0x20, b'a', b'a', b'a', b'a', b'a', b'a'],
+    );
+    after_connect(
+        "SUBSCRIBE filter longer than the packet",
+        V::V3,
+        &bad,
+        malformed(V::V3),
+    );
 }
 
 #[test]
 fn publish_truncated_topic_v5() {
     let bad = packet(0x30, &[0x00, 0x10, b'a', b'b', b'c']);
-    after_connect("PUBLISH topic longer than the packet", V::V5, &bad, malformed(V::V5));
+    after_connect(
+        "PUBLISH topic longer than the packet",
+        V::V5,
+        &bad,
+        malformed(V::V5),
+    );
 }
 
 #[test]
 fn publish_truncated_topic_v3() {
     let bad = packet(0x30, &[0x00, 0x10, b'a', b'b', b'c']);
-    after_connect("PUBLISH topic longer than the packet", V::V3, &bad, malformed(V::V3));
+    after_connect(
+        "PUBLISH topic longer than the packet",
+        V::V3,
+        &bad,
+        malformed(V::V3),
+    );
 }
 
 // ---------------------------------------------------------------- fuzz
@@ -597,7 +769,9 @@ fn garbage(rng: &mut XorShift, v: V) -> Vec<u8> {
             rng.bytes(n)
         }
         1 => {
-            const BYTE1: [u8; 14] = [0x10, 0x30, 0x32, 0x35, 0x40, 0x50, 0x62, 0x70, 0x82, 0xA2, 0xC0, 0xE0, 0xF0, 0x20];
+            const BYTE1: [u8; 14] = [
+                0x10, 0x30, 0x32, 0x35, 0x40, 0x50, 0x62, 0x70, 0x82, 0xA2, 0xC0, 0xE0, 0xF0, 0x20,
+            ];
             let byte1 = BYTE1[rng.below(BYTE1.len() as u64) as usize];
             let n = rng.below(48) as usize;
             let b = rng.bytes(n);
@@ -605,7 +779,14 @@ fn garbage(rng: &mut XorShift, v: V) -> Vec<u8> {
         }
         _ => {
             let mut p = match rng.below(3) {
-                0 => publish(v, b"fuzz/t", rng.below(3) as u8, 1 + rng.below(100) as u16, &[], b"payload"),
+                0 => publish(
+                    v,
+                    b"fuzz/t",
+                    rng.below(3) as u8,
+                    1 + rng.below(100) as u16,
+                    &[],
+                    b"payload",
+                ),
                 1 => subscribe(v, 1 + rng.below(100) as u16, b"fuzz/+", rng.below(3) as u8),
                 _ => connect(v, "fuzz"),
             };

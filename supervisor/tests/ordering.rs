@@ -13,17 +13,24 @@ mod v311 {
     use common::clients::v4::*;
 
     /// Publishes COUNT messages (payload = index) from a separate task, then "done".
-    async fn run(broker: &Broker, qos: QoS, tag: &str) {
+    /// `inflight`: how many QoS 1/2 PUBLISHes the publisher leaves unacknowledged (rumqttc's
+    /// default is 100; 3.1.1 has no Receive Maximum to negotiate it down).
+    async fn run(broker: &Broker, qos: QoS, tag: &str, inflight: u16) {
         let mut sub = connect(opts(broker, &format!("order-sub-{tag}"))).await;
         sub.subscribe("order/t", qos).await;
 
-        let mut publ = connect(opts(broker, &format!("order-pub-{tag}"))).await;
+        let mut o = opts(broker, &format!("order-pub-{tag}"));
+        o.set_inflight(inflight);
+        let mut publ = connect(o).await;
         let client = publ.client.clone();
         // rumqttc's request channel is bounded; the event loop runs in its own task, so the
         // publisher task just keeps feeding it.
         let feeder = tokio::spawn(async move {
             for i in 0..COUNT {
-                client.publish("order/t", qos, false, i.to_string()).await.expect("publish");
+                client
+                    .publish("order/t", qos, false, i.to_string())
+                    .await
+                    .unwrap_or_else(|_| panic!("publisher connection ended before message {i} (see broker log)"));
             }
             client.publish("order/t", qos, false, "done").await.expect("publish");
         });
@@ -55,26 +62,34 @@ mod v311 {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn qos1_thousand_messages_in_order_once() {
         let broker = Broker::start();
-        run(&broker, QoS::AtLeastOnce, "q1").await;
+        run(&broker, QoS::AtLeastOnce, "q1", 100).await;
     }
 
+    /// rumqttc's default publisher window (100 unacknowledged QoS 2 PUBLISHes).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn qos2_thousand_messages_in_order_once() {
         let broker = Broker::start();
-        run(&broker, QoS::ExactlyOnce, "q2").await;
+        run(&broker, QoS::ExactlyOnce, "q2", 100).await;
+    }
+
+    /// Same with the publisher keeping at most 10 unacknowledged, below every broker limit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn qos2_thousand_messages_in_order_once_publisher_window_10() {
+        let broker = Broker::start();
+        run(&broker, QoS::ExactlyOnce, "q2-w10", 10).await;
     }
 
     /// With a tiny broker inflight window most messages wait in the session queue.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn qos1_in_order_through_a_small_inflight_window() {
         let broker = Broker::start_with(&["limits.max_inflight=2"]);
-        run(&broker, QoS::AtLeastOnce, "q1-small").await;
+        run(&broker, QoS::AtLeastOnce, "q1-small", 100).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn qos2_in_order_through_a_small_inflight_window() {
         let broker = Broker::start_with(&["limits.max_inflight=2"]);
-        run(&broker, QoS::ExactlyOnce, "q2-small").await;
+        run(&broker, QoS::ExactlyOnce, "q2-small", 10).await;
     }
 }
 

@@ -398,3 +398,30 @@ async fn keepalive_pings_keep_the_connection_open() {
         assert_eq!(resp, [0xD0, 0x00], "PINGRESP");
     }
 }
+
+/// 3.1.1 has no Receive Maximum: a client may have any number of QoS 2 PUBLISHes awaiting
+/// PUBREL/PUBCOMP. rumqttc keeps up to 100 unacknowledged by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_unacknowledged_qos2_publishes_from_a_v311_client_are_accepted() {
+    let broker = Broker::start();
+    let mut sub = connect(opts(&broker, "burst-sub")).await;
+    sub.subscribe("burst/t", QoS::ExactlyOnce).await;
+    let mut o = opts(&broker, "burst-pub");
+    o.set_inflight(100);
+    let mut publ = connect(o).await;
+    // Queue 100 publishes at once; the event loop sends them without waiting for PUBRECs.
+    for i in 0..100 {
+        publ.client.publish("burst/t", QoS::ExactlyOnce, false, format!("m{i}")).await.unwrap();
+    }
+    for i in 0..100 {
+        publ.events
+            .expect(&format!("PUBCOMP #{i} (the broker closed the connection?)"), |e| match e {
+                Event::Incoming(Incoming::PubComp(_)) => Some(()),
+                _ => None,
+            })
+            .await;
+    }
+    for i in 0..100 {
+        assert_eq!(payload_str(&sub.next_publish().await.payload), format!("m{i}"));
+    }
+}

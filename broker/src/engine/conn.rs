@@ -1,7 +1,9 @@
 //! Per-connection protocol state: what was negotiated in CONNECT and the bytes waiting to
 //! be written. Everything here lives only as long as the network connection.
 
-use std::task::Waker;
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use ahash::AHashMap;
@@ -57,16 +59,18 @@ pub struct Conn {
     pub client_alias_max: u16,
     /// Topic aliases in use, allocated on first use (most connections never use any).
     pub aliases: Option<Box<TopicAliases>>,
-    /// The driver's waker, woken when `out` gains bytes or the connection must close.
-    pub waker: Option<Waker>,
-    /// Set when `out` gained bytes since the last wake (avoids redundant wakes).
-    pub wake_pending: bool,
+    /// This connection's key, to announce itself on the dirty list.
+    pub key: usize,
+    /// Where this connection announces that it has output to write or must close.
+    pub dirty: Rc<DirtyList>,
+    /// Already on the dirty list since the driver last took it.
+    pub queued: bool,
     /// Timer ticks spent in `Closing` (see `Engine::should_abort`).
     pub close_ticks: u8,
 }
 
 impl Conn {
-    pub fn new(now: Instant, over_limit: bool) -> Conn {
+    pub fn new(key: usize, dirty: Rc<DirtyList>, now: Instant, over_limit: bool) -> Conn {
         Conn {
             state: ConnState::AwaitingConnect,
             version: Version::V311,
@@ -81,8 +85,9 @@ impl Conn {
             client_max_packet: u32::MAX,
             client_alias_max: 0,
             aliases: None,
-            waker: None,
-            wake_pending: false,
+            key,
+            dirty,
+            queued: false,
             close_ticks: 0,
         }
     }
@@ -97,12 +102,11 @@ impl Conn {
         self.aliases.get_or_insert_with(Default::default)
     }
 
+    /// Puts the connection on the dirty list (once until the driver takes the list).
     pub fn wake(&mut self) {
-        if !self.wake_pending {
-            self.wake_pending = true;
-            if let Some(w) = &self.waker {
-                w.wake_by_ref();
-            }
+        if !self.queued {
+            self.queued = true;
+            self.dirty.push(self.key);
         }
     }
 
@@ -130,7 +134,6 @@ impl Conn {
     /// Marks the connection for closing without sending anything more.
     pub fn close(&mut self) {
         self.state = ConnState::Closing;
-        self.wake_pending = false;
         self.wake();
     }
 
@@ -143,5 +146,45 @@ impl Conn {
         (self.keep_alive > 0).then(|| {
             self.last_packet_at + std::time::Duration::from_millis(self.keep_alive as u64 * 1500)
         })
+    }
+}
+
+/// Connections with bytes to write or a close to carry out, in the order they became so.
+/// The transport driver takes the list after each batch of work and flushes each
+/// connection once, however many packets it gained: one write per socket per batch.
+#[derive(Debug, Default)]
+pub struct DirtyList {
+    keys: RefCell<Vec<usize>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl DirtyList {
+    fn push(&self, key: usize) {
+        let mut keys = self.keys.borrow_mut();
+        keys.push(key);
+        if keys.len() == 1 {
+            if let Some(waker) = self.waker.borrow().as_ref() {
+                waker.wake_by_ref();
+            }
+        }
+    }
+
+    /// Moves the listed keys into `into` (which is cleared first).
+    pub fn take(&self, into: &mut Vec<usize>) {
+        into.clear();
+        std::mem::swap(&mut *self.keys.borrow_mut(), into);
+    }
+
+    /// Ready when the list is not empty; otherwise remembers the waker for the next push.
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.keys.borrow().is_empty() {
+            return Poll::Ready(());
+        }
+        let mut waker = self.waker.borrow_mut();
+        match waker.as_ref() {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => *waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 }

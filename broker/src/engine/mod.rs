@@ -18,14 +18,13 @@ mod stats;
 mod subscribe;
 
 use std::rc::Rc;
-use std::task::Waker;
 use std::time::Instant;
 
 use ahash::AHashMap;
 use bytes::BytesMut;
 use slab::Slab;
 
-pub use conn::{Conn, ConnState};
+pub use conn::{Conn, ConnState, DirtyList};
 pub use message::{Delivery, Message};
 pub use session::Session;
 pub use stats::Stats;
@@ -56,6 +55,8 @@ pub struct Engine {
     next_assigned_id: u64,
     /// Reused on every PUBLISH to collect matching subscriptions without allocating.
     match_scratch: Vec<(usize, topic_trie::SubscriptionOptions)>,
+    /// Connections with output or a pending close, for the transport driver.
+    dirty: Rc<DirtyList>,
     pub stats: Stats,
 }
 
@@ -74,6 +75,7 @@ impl Engine {
             admitted: 0,
             next_assigned_id: 0,
             match_scratch: Vec::new(),
+            dirty: Rc::new(DirtyList::default()),
             stats: Stats::default(),
         }
     }
@@ -90,7 +92,10 @@ impl Engine {
             self.admitted += 1;
         }
         self.stats.connections_accepted += 1;
-        self.conns.insert(Conn::new(now, over_limit))
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        entry.insert(Conn::new(key, self.dirty.clone(), now, over_limit));
+        key
     }
 
     /// The buffer a driver should read into for `key`: the worker-wide `scratch` with any
@@ -268,15 +273,19 @@ impl Engine {
         }
     }
 
-    /// Registers the driver's waker: woken when `key` has output or must close.
-    pub fn set_waker(&mut self, key: ConnKey, waker: &Waker) {
-        if let Some(conn) = self.conns.get_mut(key) {
-            conn.wake_pending = false;
-            match &conn.waker {
-                Some(w) if w.will_wake(waker) => {}
-                _ => conn.waker = Some(waker.clone()),
+    /// The connections that gained output or must close since the last call, each once.
+    pub fn take_dirty(&mut self, into: &mut Vec<ConnKey>) {
+        self.dirty.take(into);
+        for &key in into.iter() {
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.queued = false;
             }
         }
+    }
+
+    /// Ready when some connection is dirty; wakes the caller on the next one otherwise.
+    pub fn poll_dirty(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.dirty.poll_ready(cx)
     }
 
     /// Runs the timers; call about once a second.
@@ -301,9 +310,9 @@ impl Engine {
             let conn = &mut self.conns[key];
             conn.close_ticks = conn.close_ticks.saturating_add(1);
             if conn.close_ticks >= ABORT_AFTER_TICKS {
-                if let Some(w) = &conn.waker {
-                    w.wake_by_ref();
-                }
+                // Let the driver see should_abort().
+                conn.queued = false;
+                conn.wake();
             }
         }
         for key in expired {

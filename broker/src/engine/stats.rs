@@ -5,6 +5,8 @@ pub struct Stats {
     pub connections_accepted: u64,
     pub connections_closed: u64,
     pub connections_refused: u64,
+    /// accept(2) failures (EMFILE, ...), each followed by a short pause.
+    pub accept_errors: u64,
     pub packets_received: u64,
     pub bytes_received: u64,
     pub bytes_sent: u64,

@@ -1,145 +1,337 @@
-//! MQTT over TCP: one small task per connection, driven by readiness.
+//! MQTT over TCP: one readiness loop per worker over all its connections.
 //!
-//! An idle connection holds no buffers: reads go into one per-worker scratch buffer (only an
-//! incomplete packet is copied out and kept), and the output buffer is released after each
-//! complete flush. The task is a hand-written `poll` so that its future stays a few words
-//! instead of holding several pending sub-futures per connection.
+//! Connections are not tokio tasks. The worker owns one `mio::Poll` (an epoll instance)
+//! holding the listener and every socket, and registers only that epoll descriptor with
+//! tokio. One task reacts to it: it accepts, reads each readable socket into one
+//! per-worker scratch buffer, hands the bytes to the engine, then writes every connection
+//! the engine marked dirty, once each. So an idle connection costs a socket descriptor and
+//! the engine's own state, nothing more (no task, no waker, no buffers), and a burst of
+//! messages to one subscriber leaves in one `write(2)`.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
-use std::io;
+use std::future::{poll_fn, Future};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
-use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::net::TcpStream;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use tokio::io::unix::AsyncFd;
 
 use crate::engine::{ConnKey, Engine};
 
-/// Bytes read per `read(2)`. Large enough to take many small packets per syscall.
+/// Bytes read per `read(2)`: many small packets per syscall.
 const READ_CHUNK: usize = 64 * 1024;
-/// Reads per wake-up before yielding to other connections (fairness under load).
-const READ_BUDGET: usize = 16;
+/// Reads per connection per turn before the others get theirs (fairness under load).
+const READ_BUDGET: usize = 8;
+/// Readiness events taken from epoll per turn.
+const EVENTS_PER_TURN: usize = 1024;
+/// Pause before accepting again after an error such as EMFILE, so the loop never spins.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a shutdown waits for connections to flush their DISCONNECT.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+const LISTENER: Token = Token(usize::MAX);
 
-thread_local! {
-    /// The worker's read buffer, shared by all its connections (one runtime thread per worker).
-    static SCRATCH: RefCell<BytesMut> = RefCell::new(BytesMut::with_capacity(READ_CHUNK));
+pub struct TcpReactor {
+    poll: Poll,
+    events: Events,
+    listener: Option<TcpListener>,
+    /// Sockets by engine connection key.
+    streams: Vec<Option<TcpStream>>,
+    engine: Rc<RefCell<Engine>>,
+    scratch: BytesMut,
+    /// Connections that used up their read budget and may have more to read.
+    unfinished_reads: Vec<ConnKey>,
+    dirty: Vec<ConnKey>,
+    accept_paused_until: Option<Instant>,
 }
 
-/// Serves one accepted TCP connection until it closes.
-pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream) {
-    let key = engine.borrow_mut().accept(Instant::now());
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!("set_nodelay: {e}");
+/// Why the loop woke up.
+enum Wake {
+    /// Socket readiness or dirty connections: a plain turn handles both.
+    Io,
+    AcceptRetry,
+    Shutdown,
+    DrainDeadline,
+}
+
+/// The epoll descriptor, as tokio needs it.
+struct EpollFd(RawFd);
+
+impl AsRawFd for EpollFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
     }
-    poll_fn(|cx| poll_connection(&mut engine.borrow_mut(), key, &stream, cx)).await;
-    engine.borrow_mut().connection_lost(key, Instant::now());
 }
 
-/// One turn of a connection: read and handle what arrived, write what is pending, and
-/// finish when the engine is done with the connection or the socket is gone.
-fn poll_connection(
-    engine: &mut Engine,
-    key: ConnKey,
-    stream: &TcpStream,
-    cx: &mut Context<'_>,
-) -> Poll<()> {
-    for turn in 0.. {
-        if engine.is_closing(key) {
-            break;
-        }
-        if turn == READ_BUDGET {
-            cx.waker().wake_by_ref();
-            break;
-        }
-        match stream.poll_read_ready(cx) {
-            Poll::Pending => break,
-            Poll::Ready(Err(_)) => return Poll::Ready(()),
-            Poll::Ready(Ok(())) => {}
-        }
-        match read_once(engine, key, stream) {
-            Ok(true) => {}
-            Ok(false) => return Poll::Ready(()), // EOF
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => {
-                tracing::debug!(conn = key, "read error: {e}");
-                return Poll::Ready(());
+impl TcpReactor {
+    pub fn new(listener: std::net::TcpListener, engine: Rc<RefCell<Engine>>) -> io::Result<TcpReactor> {
+        let poll = Poll::new()?;
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        Ok(TcpReactor {
+            poll,
+            events: Events::with_capacity(EVENTS_PER_TURN),
+            listener: Some(listener),
+            streams: Vec::new(),
+            engine,
+            scratch: BytesMut::with_capacity(READ_CHUNK),
+            unfinished_reads: Vec::new(),
+            dirty: Vec::new(),
+            accept_paused_until: None,
+        })
+    }
+
+    /// Serves until `shutdown` resolves; then tells every client (v5: DISCONNECT 0x8B),
+    /// flushes, and returns once all connections are closed or the drain deadline passed.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        let fd = EpollFd(self.poll.as_raw_fd());
+        // SAFETY: the descriptor belongs to `self.poll`, which outlives this local (a
+        // parameter is dropped after the function's locals) and is never replaced.
+        let epoll = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }?;
+        tokio::pin!(shutdown);
+        let mut drain_deadline = None;
+        loop {
+            self.turn();
+            if drain_deadline.is_some() && self.engine.borrow().connection_count() == 0 {
+                return Ok(());
             }
-        }
-    }
-    match flush(engine, key, stream, cx) {
-        Ok(()) => {}
-        Err(e) => {
-            tracing::debug!(conn = key, "write error: {e}");
-            return Poll::Ready(());
-        }
-    }
-    let drained = engine.output(key).is_none_or(|out| out.is_empty());
-    if engine.is_closing(key) && (drained || engine.should_abort(key)) {
-        return Poll::Ready(());
-    }
-    engine.set_waker(key, cx.waker());
-    Poll::Pending
-}
-
-/// Reads once into the worker's scratch buffer and hands the bytes to the engine.
-/// `Ok(false)` on end of stream.
-fn read_once(engine: &mut Engine, key: ConnKey, stream: &TcpStream) -> io::Result<bool> {
-    SCRATCH.with(|scratch| {
-        let mut buf = scratch.borrow_mut();
-        engine.prepare_read(key, &mut buf);
-        let before = buf.len();
-        buf.reserve(READ_CHUNK);
-        let result = stream.try_read_buf(&mut *buf);
-        // Always give the buffer back to the engine: it keeps any partial packet.
-        let now = Instant::now();
-        match result {
-            Ok(0) => Ok(false),
-            Ok(_) => {
-                engine.handle_read(key, &mut buf, now);
-                Ok(true)
+            let events_left = self.events.iter().count() == EVENTS_PER_TURN;
+            if !self.unfinished_reads.is_empty() || events_left {
+                // More work is ready: let other tasks run, then come straight back.
+                tokio::task::yield_now().await;
+                continue;
             }
-            Err(e) => {
-                if before > 0 {
-                    engine.handle_read(key, &mut buf, now);
+            let accept_retry = self.accept_paused_until;
+            let draining = drain_deadline.is_some();
+            let deadline = drain_deadline.unwrap_or_else(tokio::time::Instant::now);
+            let wake = tokio::select! {
+                ready = epoll.readable() => {
+                    // Cleared before epoll is polled, so events arriving meanwhile wake us again.
+                    ready?.clear_ready();
+                    Wake::Io
                 }
-                Err(e)
+                _ = poll_fn(|cx| self.engine.borrow().poll_dirty(cx)) => Wake::Io,
+                _ = sleep_until(accept_retry), if accept_retry.is_some() => Wake::AcceptRetry,
+                _ = &mut shutdown, if !draining => Wake::Shutdown,
+                _ = tokio::time::sleep_until(deadline), if draining => Wake::DrainDeadline,
+            };
+            match wake {
+                Wake::Io => {}
+                Wake::AcceptRetry => {
+                    self.accept_paused_until = None;
+                    self.accept_all();
+                }
+                Wake::Shutdown => {
+                    drain_deadline = Some(tokio::time::Instant::now() + DRAIN_DEADLINE);
+                    self.stop_accepting();
+                    let open = self.engine.borrow().connection_count();
+                    tracing::info!(open, "shutting down: disconnecting clients");
+                    self.engine.borrow_mut().shutdown(Instant::now());
+                }
+                Wake::DrainDeadline => {
+                    tracing::warn!("drain deadline passed with connections still open");
+                    return Ok(());
+                }
             }
         }
-    })
+    }
+
+    /// One batch: take what epoll has, read and handle it, then write what became dirty.
+    fn turn(&mut self) {
+        self.events.clear();
+        if let Err(e) = self.poll.poll(&mut self.events, Some(Duration::ZERO)) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                tracing::error!("epoll_wait: {e}");
+            }
+        }
+        let mut to_read = std::mem::take(&mut self.unfinished_reads);
+        let mut accept = false;
+        for event in self.events.iter() {
+            match event.token() {
+                LISTENER => accept = true,
+                Token(key) => {
+                    if event.is_readable() || event.is_read_closed() || event.is_error() {
+                        to_read.push(key);
+                    }
+                    if event.is_writable() {
+                        // Space in the send buffer: retry whatever output is pending.
+                        self.dirty.push(key);
+                    }
+                }
+            }
+        }
+        if accept && self.accept_paused_until.is_none() {
+            self.accept_all();
+        }
+        for key in to_read.drain(..) {
+            self.read(key);
+        }
+        self.unfinished_reads.append(&mut to_read);
+        self.flush_dirty();
+    }
+
+    fn accept_all(&mut self) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        loop {
+            match listener.accept() {
+                Ok((mut stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let key = self.engine.borrow_mut().accept(Instant::now());
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    if let Err(e) = self.poll.registry().register(&mut stream, Token(key), interest) {
+                        tracing::warn!("registering a connection: {e}");
+                        self.engine.borrow_mut().connection_lost(key, Instant::now());
+                        continue;
+                    }
+                    if self.streams.len() <= key {
+                        self.streams.resize_with(key + 1, || None);
+                    }
+                    self.streams[key] = Some(stream);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE/ENFILE/ENOBUFS: epoll will not report the backlog again, so
+                    // come back on a timer rather than spin or give up.
+                    tracing::warn!("accept failed: {e}; pausing accepts");
+                    self.engine.borrow_mut().stats.accept_errors += 1;
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn stop_accepting(&mut self) {
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+    }
+
+    /// Reads `key` until the socket is drained or the budget is used.
+    fn read(&mut self, key: ConnKey) {
+        let mut engine = self.engine.borrow_mut();
+        for _ in 0..READ_BUDGET {
+            let Some(stream) = self.streams.get_mut(key).and_then(Option::as_mut) else {
+                return;
+            };
+            if engine.is_closing(key) {
+                return;
+            }
+            engine.prepare_read(key, &mut self.scratch);
+            let result = read_into(stream, &mut self.scratch);
+            let now = Instant::now();
+            match result {
+                Ok(0) => {
+                    drop(engine);
+                    return self.close(key);
+                }
+                Ok(_) => engine.handle_read(key, &mut self.scratch, now),
+                Err(e) => {
+                    // Give any partial packet back to the connection before leaving.
+                    engine.handle_read(key, &mut self.scratch, now);
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => return,
+                        io::ErrorKind::Interrupted => continue,
+                        _ => {
+                            tracing::debug!(conn = key, "read error: {e}");
+                            drop(engine);
+                            return self.close(key);
+                        }
+                    }
+                }
+            }
+        }
+        self.unfinished_reads.push(key);
+    }
+
+    /// Writes each dirty connection's output; closes those the engine is done with.
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        loop {
+            let mut more = Vec::new();
+            self.engine.borrow_mut().take_dirty(&mut more);
+            dirty.append(&mut more);
+            if dirty.is_empty() {
+                break;
+            }
+            dirty.sort_unstable();
+            dirty.dedup();
+            for key in dirty.drain(..) {
+                self.flush(key);
+            }
+        }
+        self.dirty = dirty;
+    }
+
+    fn flush(&mut self, key: ConnKey) {
+        let Some(stream) = self.streams.get_mut(key).and_then(Option::as_mut) else {
+            return;
+        };
+        let mut engine = self.engine.borrow_mut();
+        let mut written = 0;
+        let mut failed = false;
+        if let Some(out) = engine.output(key) {
+            while !out.is_empty() {
+                match stream.write(out) {
+                    Ok(0) => {
+                        failed = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        out.advance(n);
+                        written += n;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::debug!(conn = key, "write error: {e}");
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if written > 0 {
+            engine.output_flushed(key, written);
+        }
+        let drained = engine.output(key).is_none_or(|out| out.is_empty());
+        let done = engine.is_closing(key) && (drained || engine.should_abort(key));
+        drop(engine);
+        if failed || done {
+            self.close(key);
+        }
+    }
+
+    /// Drops the socket and tells the engine (which publishes a will if one is due).
+    fn close(&mut self, key: ConnKey) {
+        if let Some(mut stream) = self.streams.get_mut(key).and_then(Option::take) {
+            let _ = self.poll.registry().deregister(&mut stream);
+        }
+        self.engine.borrow_mut().connection_lost(key, Instant::now());
+    }
 }
 
-/// Writes as much pending output as the socket takes, in as few syscalls as possible.
-fn flush(
-    engine: &mut Engine,
-    key: ConnKey,
-    stream: &TcpStream,
-    cx: &mut Context<'_>,
-) -> io::Result<()> {
-    let mut written = 0;
-    loop {
-        let Some(out) = engine.output(key) else {
-            return Ok(());
-        };
-        if out.is_empty() {
-            break;
-        }
-        match stream.poll_write_ready(cx) {
-            Poll::Pending => break,
-            Poll::Ready(result) => result?,
-        }
-        match stream.try_write(out) {
-            Ok(n) => {
-                out.advance(n);
-                written += n;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
+/// One `read(2)` appended to `buf`'s spare capacity.
+fn read_into(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    buf.reserve(READ_CHUNK);
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: `read` on a socket only writes into the slice (it never reads it), and the
+    // length is advanced by exactly the number of bytes the kernel wrote.
+    let slice = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len()) };
+    let n = stream.read(slice)?;
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at.into()).await;
     }
-    if written > 0 {
-        engine.output_flushed(key, written);
-    }
-    Ok(())
 }

@@ -21,7 +21,11 @@ pub enum V {
 /// A unique client id per call (tests in one binary run in parallel).
 pub fn client_id(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -87,7 +91,14 @@ pub fn level(v: V) -> u8 {
 
 /// PUBLISH with `byte1` given verbatim (so tests can set any flags); `props` is the v5
 /// property block content (its length is added here), ignored for 3.1.1.
-pub fn publish_byte1(v: V, byte1: u8, topic: &[u8], pkid: Option<u16>, props: &[u8], payload: &[u8]) -> Vec<u8> {
+pub fn publish_byte1(
+    v: V,
+    byte1: u8,
+    topic: &[u8],
+    pkid: Option<u16>,
+    props: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
     let mut body = Vec::new();
     put_str(&mut body, topic);
     if let Some(id) = pkid {
@@ -232,8 +243,14 @@ impl Raw {
     pub fn open(addr: SocketAddr, v: V) -> Raw {
         let stream = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect to mqttd");
         stream.set_nodelay(true).expect("nodelay");
-        stream.set_write_timeout(Some(TIMEOUT)).expect("write timeout");
-        Raw { stream, v, buf: Vec::new() }
+        stream
+            .set_write_timeout(Some(TIMEOUT))
+            .expect("write timeout");
+        Raw {
+            stream,
+            v,
+            buf: Vec::new(),
+        }
     }
 
     /// Opens, sends a clean-start CONNECT and checks the CONNACK is a success; returns it too.
@@ -309,7 +326,9 @@ impl Raw {
                 Ok(_) => {}
                 Err(e) => {
                     break match e.kind() {
-                        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => End::Reset,
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => {
+                            End::Reset
+                        }
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => End::Timeout,
                         _ => End::Error(e.to_string()),
                     }
