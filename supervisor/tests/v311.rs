@@ -425,3 +425,61 @@ async fn many_unacknowledged_qos2_publishes_from_a_v311_client_are_accepted() {
         assert_eq!(payload_str(&sub.next_publish().await.payload), format!("m{i}"));
     }
 }
+
+async fn read4(stream: &mut TcpStream) -> [u8; 4] {
+    let mut b = [0u8; 4];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut b))
+        .await
+        .expect("reply in time")
+        .expect("connection open");
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_publish_resent_with_dup_before_pubrel_is_delivered_once() {
+    let broker = Broker::start();
+    let mut sub = connect(opts(&broker, "dupq2-sub")).await;
+    sub.subscribe("dupq2/t", QoS::ExactlyOnce).await;
+
+    let mut stream = TcpStream::connect(broker.addr).await.unwrap();
+    stream.write_all(&raw_connect_v311(30, "dupq2-raw")).await.unwrap();
+    raw_connack(&mut stream).await;
+    let publish = |byte1: u8| {
+        let mut p = vec![byte1, 2 + 7 + 2 + 4];
+        p.extend_from_slice(&[0, 7]);
+        p.extend_from_slice(b"dupq2/t");
+        p.extend_from_slice(&[0x00, 0x05]); // packet id 5
+        p.extend_from_slice(b"once");
+        p
+    };
+    stream.write_all(&publish(0x34)).await.unwrap(); // QoS 2
+    assert_eq!(read4(&mut stream).await, [0x50, 0x02, 0x00, 0x05], "PUBREC");
+    stream.write_all(&publish(0x3C)).await.unwrap(); // same, DUP=1
+    assert_eq!(read4(&mut stream).await, [0x50, 0x02, 0x00, 0x05], "PUBREC for the resent PUBLISH");
+    stream.write_all(&[0x62, 0x02, 0x00, 0x05]).await.unwrap(); // PUBREL
+    assert_eq!(read4(&mut stream).await, [0x70, 0x02, 0x00, 0x05], "PUBCOMP");
+
+    let mut publ = connect(opts(&broker, "dupq2-pub")).await;
+    publ.publish("dupq2/t", QoS::ExactlyOnce, false, "MARK").await;
+    assert_eq!(payload_str(&sub.next_publish().await.payload), "once");
+    assert_eq!(
+        payload_str(&sub.next_publish().await.payload),
+        "MARK",
+        "a QoS 2 PUBLISH resent before PUBREL must not be delivered twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_message_delivered_at_min_of_retained_and_subscription_qos() {
+    let broker = Broker::start();
+    let mut publ = connect(opts(&broker, "retq-pub")).await;
+    publ.publish("retq/t", QoS::ExactlyOnce, true, "r").await;
+    let mut s1 = connect(opts(&broker, "retq-s1")).await;
+    s1.subscribe("retq/t", QoS::AtLeastOnce).await;
+    let m = s1.next_publish().await;
+    assert_eq!((m.qos, m.retain), (QoS::AtLeastOnce, true));
+    let mut s2 = connect(opts(&broker, "retq-s2")).await;
+    s2.subscribe("retq/t", QoS::ExactlyOnce).await;
+    let m = s2.next_publish().await;
+    assert_eq!((m.qos, m.retain), (QoS::ExactlyOnce, true));
+}

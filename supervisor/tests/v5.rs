@@ -671,3 +671,199 @@ async fn qos2_exactly_once_v5() {
     assert_eq!((payload_str(&m.payload).as_str(), m.qos), ("once", QoS::ExactlyOnce));
     assert_eq!(payload_str(&sub.next_publish().await.payload), "MARK");
 }
+
+// ---------------------------------------------------------------------------------------------
+// More limits, protocol errors and corner cases
+// ---------------------------------------------------------------------------------------------
+
+fn is_connack_success(p: &Packet) -> bool {
+    matches!(p, Packet::ConnAck(c) if c.code == ConnectReturnCode::Success)
+}
+
+/// Expects a DISCONNECT with `reason` from the broker, then the connection closed.
+async fn expect_disconnect(raw: &mut Raw, reason: DisconnectReasonCode) {
+    match raw.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason_code, reason, "DISCONNECT reason code ({d:?})"),
+        other => panic!("expected DISCONNECT {reason:?}, got {other:?}"),
+    }
+    assert_eq!(raw.recv().await, None, "connection must be closed after the DISCONNECT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_alias_above_maximum_gets_disconnect_0x94() {
+    let broker = Broker::start_with(&["limits.max_topic_alias=4"]);
+    let (mut raw, connack) = Raw::connect(&broker, connect_packet("alias-bad", true, None, None)).await;
+    assert!(is_connack_success(&connack), "{connack:?}");
+    let props = PublishProperties { topic_alias: Some(5), ..Default::default() };
+    raw.send(&Packet::Publish(Publish::new("alias/bad", QoS::AtMostOnce, "x", Some(props)))).await;
+    expect_disconnect(&mut raw, DisconnectReasonCode::TopicAliasInvalid).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_topic_with_unknown_alias_is_a_protocol_error() {
+    let broker = Broker::start();
+    let (mut raw, connack) = Raw::connect(&broker, connect_packet("alias-unknown", true, None, None)).await;
+    assert!(is_connack_success(&connack), "{connack:?}");
+    let props = PublishProperties { topic_alias: Some(3), ..Default::default() };
+    raw.send(&Packet::Publish(Publish::new("", QoS::AtMostOnce, "x", Some(props)))).await;
+    expect_disconnect(&mut raw, DisconnectReasonCode::ProtocolError).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packet_larger_than_broker_maximum_gets_disconnect_0x95() {
+    let broker = Broker::start_with(&["limits.max_packet_size=200"]);
+    let (mut raw, connack) = Raw::connect(&broker, connect_packet("too-big", true, None, None)).await;
+    assert!(is_connack_success(&connack), "{connack:?}");
+    raw.send(&Packet::Publish(Publish::new("big/t", QoS::AtMostOnce, vec![b'x'; 500], None))).await;
+    expect_disconnect(&mut raw, DisconnectReasonCode::PacketTooLarge).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_keep_alive_and_session_expiry_cap_are_announced() {
+    let broker = Broker::start_with(&["mqtt.server_keep_alive=5", "limits.max_session_expiry_secs=10"]);
+    let c = connect(persistent(&broker, "announce", 60)).await;
+    let props = c.connack.properties.clone().expect("CONNACK properties");
+    assert_eq!(props.server_keep_alive, Some(5), "Server Keep Alive");
+    assert_eq!(props.session_expiry_interval, Some(10), "the capped Session Expiry Interval must be announced");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_in_short_forms_are_accepted() {
+    // PUBACK/PUBREC/PUBCOMP may end after the reason code (no property length) [MQTT-3.4.2.2].
+    let broker = Broker::start();
+    let (mut raw, connack) = Raw::connect(&broker, connect_packet("short-acks", true, None, None)).await;
+    assert!(is_connack_success(&connack), "{connack:?}");
+    let sub = Subscribe {
+        pkid: 1,
+        filters: vec![filter("sa/q1", QoS::AtLeastOnce), filter("sa/q2", QoS::ExactlyOnce)],
+        properties: None,
+    };
+    raw.send(&Packet::Subscribe(sub)).await;
+    assert!(matches!(raw.recv().await, Some(Packet::SubAck(_))));
+    let mut publ = connect(opts(&broker, "short-acks-pub")).await;
+    publ.publish("sa/q1", QoS::AtLeastOnce, false, "one").await;
+    let pk = match raw.recv().await {
+        Some(Packet::Publish(p)) => p.pkid,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    raw.send_bytes(&[0x40, 0x03, (pk >> 8) as u8, pk as u8, 0x00]).await; // PUBACK, reason only
+    publ.publish("sa/q2", QoS::ExactlyOnce, false, "two").await;
+    let pk = match raw.recv().await {
+        Some(Packet::Publish(p)) => p.pkid,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    raw.send_bytes(&[0x50, 0x03, (pk >> 8) as u8, pk as u8, 0x00]).await; // PUBREC, reason only
+    match raw.recv().await {
+        Some(Packet::PubRel(r)) => assert_eq!(r.pkid, pk),
+        other => panic!("expected PUBREL, got {other:?}"),
+    }
+    raw.send_bytes(&[0x70, 0x02, (pk >> 8) as u8, pk as u8]).await; // PUBCOMP, packet id only
+    publ.publish("sa/q1", QoS::AtLeastOnce, false, "MARK").await;
+    match raw.recv().await {
+        Some(Packet::Publish(p)) => assert_eq!(payload_str(&p.payload), "MARK", "nothing resent, no error"),
+        other => panic!("expected the marker PUBLISH, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscription_gets_no_retained_messages() {
+    let broker = Broker::start();
+    let mut publ = connect(opts(&broker, "shret-pub")).await;
+    publ.publish("shret/t", QoS::AtLeastOnce, true, "retained").await;
+    let mut m = connect(opts(&broker, "shret-member")).await;
+    m.subscribe("$share/g/shret/t", QoS::AtLeastOnce).await;
+    publ.publish("shret/t", QoS::AtLeastOnce, false, "MARK").await;
+    let first = m.next_publish().await;
+    assert_eq!(
+        payload_str(&first.payload),
+        "MARK",
+        "[MQTT-3.8.4] retained messages are not sent for a new shared subscription"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn will_properties_are_forwarded() {
+    let broker = Broker::start();
+    let mut watcher = connect(opts(&broker, "wp-watcher")).await;
+    watcher.subscribe("wp/#", QoS::AtLeastOnce).await;
+    let mut o = opts(&broker, "wp-dying");
+    o.set_last_will(LastWill::new(
+        "wp/dying",
+        b"gone".to_vec(),
+        QoS::AtLeastOnce,
+        false,
+        Some(LastWillProperties {
+            delay_interval: None,
+            payload_format_indicator: Some(1),
+            message_expiry_interval: Some(100),
+            content_type: Some("text/plain".into()),
+            response_topic: Some("wp/reply".into()),
+            correlation_data: Some(Bytes::from_static(b"corr")),
+            user_properties: vec![("k".into(), "v".into())],
+        }),
+    ));
+    connect(o).await.kill().await;
+    let m = watcher.next_publish().await;
+    assert_eq!(payload_str(&m.payload), "gone");
+    let p = m.properties.clone().expect("will properties must be forwarded");
+    assert_eq!(p.payload_format_indicator, Some(1));
+    assert!(matches!(p.message_expiry_interval, Some(1..=100)), "{:?}", p.message_expiry_interval);
+    assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(p.response_topic.as_deref(), Some("wp/reply"));
+    assert_eq!(p.correlation_data.as_deref(), Some(&b"corr"[..]));
+    assert_eq!(p.user_properties, vec![("k".to_string(), "v".to_string())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_message_expires() {
+    let broker = Broker::start();
+    let mut publ = connect(opts(&broker, "retexp-pub")).await;
+    let expiry = |secs| PublishProperties { message_expiry_interval: Some(secs), ..Default::default() };
+    publ.publish_props("retexp/short", QoS::AtLeastOnce, true, "short", Some(expiry(1))).await;
+    publ.publish_props("retexp/long", QoS::AtLeastOnce, true, "long", Some(expiry(60))).await;
+    // Deliberate wait: the 1 s retained message must expire.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut sub = connect(opts(&broker, "retexp-sub")).await;
+    sub.subscribe("retexp/#", QoS::AtLeastOnce).await;
+    publ.publish("retexp/marker", QoS::AtLeastOnce, false, "MARK").await;
+    let first = sub.next_publish().await;
+    assert_eq!(payload_str(&first.payload), "long", "expired retained message must not be sent");
+    let left = first.properties.as_ref().and_then(|p| p.message_expiry_interval);
+    assert!(matches!(left, Some(55..=58)), "retained expiry must count down, got {left:?}");
+    assert_eq!(payload_str(&sub.next_publish().await.payload), "MARK");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_qos1_message_is_redelivered_with_dup_on_session_resume_v5() {
+    let broker = Broker::start();
+    let mut o = persistent(&broker, "v5-redeliver", 60);
+    o.set_manual_acks(true);
+    let mut s = connect(o.clone()).await;
+    s.subscribe("v5redeliver/t", QoS::AtLeastOnce).await;
+    let mut publ = connect(opts(&broker, "v5-redeliver-pub")).await;
+    publ.publish("v5redeliver/t", QoS::AtLeastOnce, false, "once").await;
+    let m = s.next_publish().await;
+    assert!(!m.dup);
+    s.kill().await;
+    let mut s = connect(o).await;
+    assert!(s.connack.session_present);
+    let again = s.next_publish().await;
+    assert_eq!(payload_str(&again.payload), "once");
+    assert!(again.dup, "a resent PUBLISH must have DUP=1");
+    assert_eq!(again.pkid, m.pkid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_publishes_the_will_of_the_old_connection() {
+    // The old connection is closed by the server without a DISCONNECT from its client, and its
+    // will has no delay: the will is published [MQTT-3.1.2-8].
+    let broker = Broker::start();
+    let mut watcher = connect(opts(&broker, "tw-watcher")).await;
+    watcher.subscribe("tw/#", QoS::AtLeastOnce).await;
+    let mut o = opts(&broker, "tw-client");
+    o.set_last_will(will("tw/client", "taken", None));
+    let _first = connect(o).await;
+    let _second = connect(opts(&broker, "tw-client")).await;
+    let m = watcher.next_publish().await;
+    assert_eq!((topic(&m).as_str(), payload_str(&m.payload).as_str()), ("tw/client", "taken"));
+}

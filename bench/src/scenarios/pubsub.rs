@@ -370,6 +370,9 @@ async fn publisher(
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let window = cfg.window;
+    // QoS 1: top the window up only once a quarter of it is free, so acks
+    // arriving one by one do not each cost a write of a single publish.
+    let refill_at = (window / 4).max(1);
     let frame = wire::publish_size(cfg.proto, topic.len(), cfg.qos, cfg.payload);
     let mut wb = BytesMut::with_capacity(HIGH_WATER + frame);
     let with_seq = cfg.payload >= 16;
@@ -383,6 +386,9 @@ async fn publisher(
             let mut n = (HIGH_WATER - wb.len()) / frame;
             if cfg.qos > 0 {
                 n = n.min(window - inflight);
+                if n < refill_at {
+                    n = 0;
+                }
             }
             if cfg.max_lead > 0 {
                 let lead = seq.saturating_sub(pair.next_seq.get());
@@ -425,7 +431,7 @@ async fn publisher(
         // Ask for writability while there is something to write or room in
         // the window to encode more (QoS 0: always, until stopping).
         let lead_ok = cfg.max_lead == 0 || seq.saturating_sub(pair.next_seq.get()) < cfg.max_lead;
-        let window_ok = cfg.qos == 0 || inflight < window;
+        let window_ok = cfg.qos == 0 || window - inflight >= refill_at;
         let can_encode = !stopping && window_ok && lead_ok;
         let interest = if wb.is_empty() && !can_encode {
             Interest::READABLE

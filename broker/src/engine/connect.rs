@@ -193,6 +193,9 @@ impl Engine {
                 ));
             }
         }
+        if connect.client_id.contains('\0') {
+            return Err((ConnectReturnCode::ClientIdentifierNotValid, "U+0000 in the client id"));
+        }
         if let Some(w) = will {
             let topic_ok = std::str::from_utf8(&w.topic)
                 .ok()

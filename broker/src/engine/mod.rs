@@ -184,7 +184,7 @@ impl Engine {
             (ConnState::Active, Packet::PubRel(r)) => self.handle_pubrel(key, r.pkid),
             (ConnState::Active, Packet::PubComp(c)) => self.handle_pubcomp(key, c.pkid, now),
             (ConnState::Active, Packet::Subscribe(s)) => self.handle_subscribe(key, s, now),
-            (ConnState::Active, Packet::Unsubscribe(u)) => self.handle_unsubscribe(key, u),
+            (ConnState::Active, Packet::Unsubscribe(u)) => self.handle_unsubscribe(key, u, now),
             (ConnState::Active, Packet::PingReq(_)) => {
                 self.conns[key].send(&Packet::PingResp(PingResp))
             }

@@ -17,8 +17,8 @@ use crate::protocol::{
 enum FilterOutcome {
     Granted(u8),
     Refused(SubscribeReasonCode),
-    /// A protocol error that ends the connection (No Local on a shared subscription).
-    Fatal(&'static str),
+    /// An error that ends the connection (No Local on a shared subscription, U+0000).
+    Fatal(DisconnectReasonCode, &'static str),
 }
 
 impl Engine {
@@ -52,8 +52,8 @@ impl Engine {
             let code = match self.subscribe_one(skey, filter, subscription_id, &mut retained, now) {
                 FilterOutcome::Granted(qos) => SubscribeReasonCode::Success(qos_from_u8(qos)),
                 FilterOutcome::Refused(code) => code,
-                FilterOutcome::Fatal(why) => {
-                    return self.protocol_error(key, DisconnectReasonCode::ProtocolError, why, now)
+                FilterOutcome::Fatal(reason, why) => {
+                    return self.protocol_error(key, reason, why, now)
                 }
             };
             codes.push(code);
@@ -77,6 +77,11 @@ impl Engine {
         retained: &mut Vec<(Rc<Message>, Delivery)>,
         now: Instant,
     ) -> FilterOutcome {
+        if f.path.contains('\0') {
+            // U+0000 in any MQTT string makes the packet malformed (MQTT-1.5.4-2), which
+            // closes the connection, unlike a filter that is merely invalid.
+            return FilterOutcome::Fatal(DisconnectReasonCode::MalformedPacket, "U+0000 in a topic filter");
+        }
         let mqtt = &self.config.mqtt;
         let parsed = match topic_trie::parse_subscription_filter(&f.path) {
             Ok(p) => p,
@@ -94,7 +99,10 @@ impl Engine {
                     );
                 }
                 if f.nolocal {
-                    return FilterOutcome::Fatal("No Local on a shared subscription");
+                    return FilterOutcome::Fatal(
+                        DisconnectReasonCode::ProtocolError,
+                        "No Local on a shared subscription",
+                    );
                 }
                 filter
             }
@@ -148,7 +156,11 @@ impl Engine {
         FilterOutcome::Granted(granted)
     }
 
-    pub(super) fn handle_unsubscribe(&mut self, key: ConnKey, u: Unsubscribe) {
+    pub(super) fn handle_unsubscribe(&mut self, key: ConnKey, u: Unsubscribe, now: Instant) {
+        if u.filters.iter().any(|f| f.contains('\0')) {
+            let reason = DisconnectReasonCode::MalformedPacket;
+            return self.protocol_error(key, reason, "U+0000 in a topic filter", now);
+        }
         let Some(skey) = self.conns[key].session else {
             return;
         };

@@ -20,6 +20,8 @@ pub enum DecodeError {
     NotConnect(u8),
     /// A CONNECT with a protocol name or level the broker does not speak.
     UnsupportedProtocol(u8),
+    /// An AUTH packet, though no authentication method was agreed in CONNECT.
+    UnexpectedAuth,
     /// A CONNECT whose version is known but whose contents are malformed.
     BadConnect {
         version: Version,
@@ -32,7 +34,9 @@ impl DecodeError {
     pub fn reason(&self) -> DisconnectReasonCode {
         match self {
             DecodeError::Frame(FrameError::TooLarge { .. }) => DisconnectReasonCode::PacketTooLarge,
-            DecodeError::NotConnect(_) => DisconnectReasonCode::ProtocolError,
+            DecodeError::NotConnect(_) | DecodeError::UnexpectedAuth => {
+                DisconnectReasonCode::ProtocolError
+            }
             _ => DisconnectReasonCode::MalformedPacket,
         }
     }
@@ -61,6 +65,7 @@ impl std::fmt::Display for DecodeError {
                 write!(f, "unsupported protocol level {level}")
             }
             DecodeError::BadConnect { why, .. } => write!(f, "malformed CONNECT: {why}"),
+            DecodeError::UnexpectedAuth => write!(f, "AUTH without an authentication method"),
         }
     }
 }
@@ -149,6 +154,12 @@ fn decode(
         return Err(DecodeError::Frame(FrameError::InvalidType(
             packet_type::AUTH,
         )));
+    }
+    if header.packet_type == packet_type::AUTH {
+        // The codec crate cannot decode AUTH. mqttd offers no enhanced authentication, so
+        // an AUTH is a protocol error whatever it says (MQTT-4.12.0-1).
+        let _ = buf.split_to(header.frame_len());
+        return Err(DecodeError::UnexpectedAuth);
     }
     if header.packet_type == packet_type::DISCONNECT && header.remaining_len == 0 {
         // A v5 DISCONNECT may omit its reason code; the codec crate refuses that form.
