@@ -105,7 +105,14 @@ impl Engine {
                 // A resend of a message already accepted: acknowledge again, deliver once.
                 return self.conns[key].send(&pubrec(p.pkid));
             }
-            if session.incoming_qos2.len() >= self.config.limits.receive_maximum as usize {
+            // v5 announces Receive Maximum in CONNACK; 3.1.1 has no such limit, so there the
+            // packet id space (65535) is the bound.
+            let limit = if self.conns[key].version.is_v5() {
+                self.config.limits.receive_maximum as usize
+            } else {
+                u16::MAX as usize
+            };
+            if session.incoming_qos2.len() >= limit {
                 return self.protocol_error(
                     key,
                     DisconnectReasonCode::ReceiveMaximumExceeded,
