@@ -194,7 +194,10 @@ impl Engine {
             }
         }
         if connect.client_id.contains('\0') {
-            return Err((ConnectReturnCode::ClientIdentifierNotValid, "U+0000 in the client id"));
+            return Err((
+                ConnectReturnCode::ClientIdentifierNotValid,
+                "U+0000 in the client id",
+            ));
         }
         if let Some(w) = will {
             let topic_ok = std::str::from_utf8(&w.topic)
@@ -319,7 +322,9 @@ fn will_from(w: LastWill, origin: usize, now: Instant) -> Will {
                 message_expiry_interval: p.message_expiry_interval,
                 topic_alias: None,
                 response_topic: p.response_topic,
-                correlation_data: p.correlation_data.map(|d| bytes::Bytes::copy_from_slice(&d)),
+                correlation_data: p
+                    .correlation_data
+                    .map(|d| bytes::Bytes::copy_from_slice(&d)),
                 user_properties: p.user_properties,
                 subscription_identifiers: Vec::new(),
                 content_type: p.content_type,

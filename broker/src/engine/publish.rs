@@ -73,7 +73,9 @@ impl Engine {
                     }
                 } else if valid_topic(&topic) {
                     // Copied: the topic is a slice of the shared read buffer.
-                    conn.aliases().inbound.insert(alias, Bytes::copy_from_slice(&topic));
+                    conn.aliases()
+                        .inbound
+                        .insert(alias, Bytes::copy_from_slice(&topic));
                 }
             }
         }
@@ -128,7 +130,10 @@ impl Engine {
             .and_then(|pr| pr.message_expiry_interval)
             .map(|s| now + Duration::from_secs(s as u64));
         let (topic, payload) = if qos > 0 || p.retain {
-            if let Some(data) = properties.as_mut().and_then(|pr| pr.correlation_data.as_mut()) {
+            if let Some(data) = properties
+                .as_mut()
+                .and_then(|pr| pr.correlation_data.as_mut())
+            {
                 *data = Bytes::copy_from_slice(data);
             }
             detach(&topic, &p.payload)

@@ -80,7 +80,10 @@ impl Engine {
         if f.path.contains('\0') {
             // U+0000 in any MQTT string makes the packet malformed (MQTT-1.5.4-2), which
             // closes the connection, unlike a filter that is merely invalid.
-            return FilterOutcome::Fatal(DisconnectReasonCode::MalformedPacket, "U+0000 in a topic filter");
+            return FilterOutcome::Fatal(
+                DisconnectReasonCode::MalformedPacket,
+                "U+0000 in a topic filter",
+            );
         }
         let mqtt = &self.config.mqtt;
         let parsed = match topic_trie::parse_subscription_filter(&f.path) {

@@ -161,11 +161,18 @@ fn decode(
         let _ = buf.split_to(header.frame_len());
         return Err(DecodeError::UnexpectedAuth);
     }
-    if header.packet_type == packet_type::DISCONNECT && header.remaining_len == 0 {
-        // A v5 DISCONNECT may omit its reason code; the codec crate refuses that form.
-        let _ = buf.split_to(header.frame_len());
+    if header.packet_type == packet_type::DISCONNECT && header.remaining_len <= 1 {
+        // A v5 DISCONNECT may omit its reason code, or its property length (MQTT 5.0
+        // §3.14.2.2.1); the codec crate refuses both short forms.
+        let frame = buf.split_to(header.frame_len());
+        let reason_code = match frame.get(header.header_len) {
+            None => DisconnectReasonCode::NormalDisconnection,
+            Some(&code) => DisconnectReasonCode::try_from(code).map_err(|_| {
+                DecodeError::Malformed(format!("DISCONNECT reason code {code:#04x}"))
+            })?,
+        };
         return Ok(Packet::Disconnect(Disconnect {
-            reason_code: DisconnectReasonCode::NormalDisconnection,
+            reason_code,
             properties: None,
         }));
     }

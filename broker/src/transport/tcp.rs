@@ -67,11 +67,15 @@ impl AsRawFd for EpollFd {
 }
 
 impl TcpReactor {
-    pub fn new(listener: std::net::TcpListener, engine: Rc<RefCell<Engine>>) -> io::Result<TcpReactor> {
+    pub fn new(
+        listener: std::net::TcpListener,
+        engine: Rc<RefCell<Engine>>,
+    ) -> io::Result<TcpReactor> {
         let poll = Poll::new()?;
         listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(listener);
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
         Ok(TcpReactor {
             poll,
             events: Events::with_capacity(EVENTS_PER_TURN),
@@ -184,9 +188,15 @@ impl TcpReactor {
                     let _ = stream.set_nodelay(true);
                     let key = self.engine.borrow_mut().accept(Instant::now());
                     let interest = Interest::READABLE | Interest::WRITABLE;
-                    if let Err(e) = self.poll.registry().register(&mut stream, Token(key), interest) {
+                    if let Err(e) = self
+                        .poll
+                        .registry()
+                        .register(&mut stream, Token(key), interest)
+                    {
                         tracing::warn!("registering a connection: {e}");
-                        self.engine.borrow_mut().connection_lost(key, Instant::now());
+                        self.engine
+                            .borrow_mut()
+                            .connection_lost(key, Instant::now());
                         continue;
                     }
                     if self.streams.len() <= key {
@@ -314,7 +324,9 @@ impl TcpReactor {
         if let Some(mut stream) = self.streams.get_mut(key).and_then(Option::take) {
             let _ = self.poll.registry().deregister(&mut stream);
         }
-        self.engine.borrow_mut().connection_lost(key, Instant::now());
+        self.engine
+            .borrow_mut()
+            .connection_lost(key, Instant::now());
     }
 }
 
@@ -324,7 +336,8 @@ fn read_into(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     let spare = buf.spare_capacity_mut();
     // SAFETY: `read` on a socket only writes into the slice (it never reads it), and the
     // length is advanced by exactly the number of bytes the kernel wrote.
-    let slice = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len()) };
+    let slice =
+        unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len()) };
     let n = stream.read(slice)?;
     unsafe { buf.set_len(buf.len() + n) };
     Ok(n)
