@@ -30,20 +30,36 @@ mod v311 {
                 client
                     .publish("order/t", qos, false, i.to_string())
                     .await
-                    .unwrap_or_else(|_| panic!("publisher connection ended before message {i} (see broker log)"));
+                    .unwrap_or_else(|_| {
+                        panic!("publisher connection ended before message {i} (see broker log)")
+                    });
             }
-            client.publish("order/t", qos, false, "done").await.expect("publish");
+            client
+                .publish("order/t", qos, false, "done")
+                .await
+                .expect("publish");
         });
 
         for i in 0..COUNT {
             let m = sub.next_publish().await;
             let payload = payload_str(&m.payload);
-            assert_eq!(payload, i.to_string(), "message {i} out of order or duplicated/missing");
+            assert_eq!(
+                payload,
+                i.to_string(),
+                "message {i} out of order or duplicated/missing"
+            );
             assert_eq!(m.qos, qos);
-            assert!(!m.dup, "message {i} arrived with DUP on a healthy connection");
+            assert!(
+                !m.dup,
+                "message {i} arrived with DUP on a healthy connection"
+            );
         }
         let last = sub.next_publish().await;
-        assert_eq!(payload_str(&last.payload), "done", "nothing may arrive twice");
+        assert_eq!(
+            payload_str(&last.payload),
+            "done",
+            "nothing may arrive twice"
+        );
         feeder.await.unwrap();
         // All publishes were acknowledged to the publisher (PUBACK / PUBCOMP), one per message.
         let mut acks = 0;
@@ -104,13 +120,23 @@ mod v5 {
         let client = publ.client.clone();
         let feeder = tokio::spawn(async move {
             for i in 0..COUNT {
-                client.publish("order5/t", qos, false, i.to_string()).await.expect("publish");
+                client
+                    .publish("order5/t", qos, false, i.to_string())
+                    .await
+                    .expect("publish");
             }
-            client.publish("order5/t", qos, false, "done").await.expect("publish");
+            client
+                .publish("order5/t", qos, false, "done")
+                .await
+                .expect("publish");
         });
         for i in 0..COUNT {
             let m = sub.next_publish().await;
-            assert_eq!(payload_str(&m.payload), i.to_string(), "message {i} out of order or duplicated/missing");
+            assert_eq!(
+                payload_str(&m.payload),
+                i.to_string(),
+                "message {i} out of order or duplicated/missing"
+            );
             assert_eq!(m.qos, qos);
         }
         assert_eq!(payload_str(&sub.next_publish().await.payload), "done");
@@ -142,12 +168,19 @@ mod v5 {
         let client = publ.client.clone();
         let feeder = tokio::spawn(async move {
             for i in 0..COUNT {
-                client.publish("order5/rm", QoS::AtLeastOnce, false, i.to_string()).await.expect("publish");
+                client
+                    .publish("order5/rm", QoS::AtLeastOnce, false, i.to_string())
+                    .await
+                    .expect("publish");
             }
         });
         for i in 0..COUNT {
             let m = sub.next_publish().await;
-            assert_eq!(payload_str(&m.payload), i.to_string(), "message {i} out of order or duplicated/missing");
+            assert_eq!(
+                payload_str(&m.payload),
+                i.to_string(),
+                "message {i} out of order or duplicated/missing"
+            );
         }
         feeder.await.unwrap();
     }

@@ -27,7 +27,12 @@ pub struct Events<E, X> {
 
 impl<E: Debug, X: Debug> Events<E, X> {
     fn new(rx: UnboundedReceiver<Result<E, X>>, name: String) -> Self {
-        Events { rx, stash: VecDeque::new(), closed: None, name }
+        Events {
+            rx,
+            stash: VecDeque::new(),
+            closed: None,
+            name,
+        }
     }
 
     /// Waits (bounded) for the first event `pick` accepts. Events it rejects are kept, in
@@ -56,11 +61,17 @@ impl<E: Debug, X: Debug> Events<E, X> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             if let Some(err) = &self.closed {
-                panic!("[{}] connection ended ({err:?}) while waiting for {what}", self.name);
+                panic!(
+                    "[{}] connection ended ({err:?}) while waiting for {what}",
+                    self.name
+                );
             }
             let next = match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Err(_) => return None,
-                Ok(None) => panic!("[{}] event loop task gone while waiting for {what}", self.name),
+                Ok(None) => panic!(
+                    "[{}] event loop task gone while waiting for {what}",
+                    self.name
+                ),
                 Ok(Some(r)) => r,
             };
             match next {
@@ -164,9 +175,13 @@ pub mod v4 {
             .unwrap_or_else(|_| panic!("[{id}] no CONNACK within {DEADLINE:?}"))
             .expect("event loop task gone");
         match first {
-            Ok(Event::Incoming(Incoming::ConnAck(connack))) => {
-                Ok(Conn { client, events, connack, task: Some(task), id })
-            }
+            Ok(Event::Incoming(Incoming::ConnAck(connack))) => Ok(Conn {
+                client,
+                events,
+                connack,
+                task: Some(task),
+                id,
+            }),
             Ok(other) => panic!("[{id}] first event is not CONNACK: {other:?}"),
             Err(e) => Err(e),
         }
@@ -202,7 +217,10 @@ pub mod v4 {
 
         /// Subscribes and waits for the SUBACK.
         pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> SubAck {
-            self.client.subscribe(filter, qos).await.expect("subscribe request");
+            self.client
+                .subscribe(filter, qos)
+                .await
+                .expect("subscribe request");
             self.events
                 .expect("SUBACK", |e| match e {
                     Event::Incoming(Incoming::SubAck(s)) => Some(s.clone()),
@@ -212,7 +230,10 @@ pub mod v4 {
         }
 
         pub async fn unsubscribe(&mut self, filter: &str) {
-            self.client.unsubscribe(filter).await.expect("unsubscribe request");
+            self.client
+                .unsubscribe(filter)
+                .await
+                .expect("unsubscribe request");
             self.events
                 .expect("UNSUBACK", |e| match e {
                     Event::Incoming(Incoming::UnsubAck(_)) => Some(()),
@@ -223,7 +244,13 @@ pub mod v4 {
 
         /// Publishes and waits until the broker has it: PUBACK (QoS 1), PUBCOMP (QoS 2), or the
         /// packet being written (QoS 0).
-        pub async fn publish(&mut self, topic: &str, qos: QoS, retain: bool, payload: impl Into<Vec<u8>>) {
+        pub async fn publish(
+            &mut self,
+            topic: &str,
+            qos: QoS,
+            retain: bool,
+            payload: impl Into<Vec<u8>>,
+        ) {
             self.client
                 .publish(topic, qos, retain, payload.into())
                 .await
@@ -242,7 +269,9 @@ pub mod v4 {
         pub async fn disconnect(mut self) {
             self.client.disconnect().await.expect("disconnect request");
             self.events
-                .expect("DISCONNECT sent", |e| matches!(e, Event::Outgoing(Outgoing::Disconnect)).then_some(()))
+                .expect("DISCONNECT sent", |e| {
+                    matches!(e, Event::Outgoing(Outgoing::Disconnect)).then_some(())
+                })
                 .await;
             let _ = self.events.expect_closed().await;
             if let Some(t) = self.task.take() {
@@ -318,9 +347,13 @@ pub mod v5 {
             .unwrap_or_else(|_| panic!("[{id}] no CONNACK within {DEADLINE:?}"))
             .expect("event loop task gone");
         match first {
-            Ok(Event::Incoming(Incoming::ConnAck(connack))) => {
-                Ok(Conn { client, events, connack, task: Some(task), id })
-            }
+            Ok(Event::Incoming(Incoming::ConnAck(connack))) => Ok(Conn {
+                client,
+                events,
+                connack,
+                task: Some(task),
+                id,
+            }),
             Ok(other) => panic!("[{id}] first event is not CONNACK: {other:?}"),
             Err(e) => Err(e),
         }
@@ -364,7 +397,10 @@ pub mod v5 {
         }
 
         pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> SubAck {
-            self.client.subscribe(filter, qos).await.expect("subscribe request");
+            self.client
+                .subscribe(filter, qos)
+                .await
+                .expect("subscribe request");
             self.expect_suback().await
         }
 
@@ -376,17 +412,27 @@ pub mod v5 {
                     .client
                     .subscribe_many_with_properties(
                         [filter],
-                        SubscribeProperties { id: Some(id), user_properties: vec![] },
+                        SubscribeProperties {
+                            id: Some(id),
+                            user_properties: vec![],
+                        },
                     )
                     .await
                     .expect("subscribe request"),
-                None => self.client.subscribe_many([filter]).await.expect("subscribe request"),
+                None => self
+                    .client
+                    .subscribe_many([filter])
+                    .await
+                    .expect("subscribe request"),
             }
             self.expect_suback().await
         }
 
         pub async fn unsubscribe(&mut self, filter: &str) {
-            self.client.unsubscribe(filter).await.expect("unsubscribe request");
+            self.client
+                .unsubscribe(filter)
+                .await
+                .expect("unsubscribe request");
             self.events
                 .expect("UNSUBACK", |e| match e {
                     Event::Incoming(Incoming::UnsubAck(_)) => Some(()),
@@ -406,7 +452,11 @@ pub mod v5 {
         ) {
             let payload: Vec<u8> = payload.into();
             match props {
-                Some(p) => self.client.publish_with_properties(topic, qos, retain, payload, p).await,
+                Some(p) => {
+                    self.client
+                        .publish_with_properties(topic, qos, retain, payload, p)
+                        .await
+                }
                 None => self.client.publish(topic, qos, retain, payload).await,
             }
             .expect("publish request");
@@ -420,7 +470,13 @@ pub mod v5 {
                 .await
         }
 
-        pub async fn publish(&mut self, topic: &str, qos: QoS, retain: bool, payload: impl Into<Vec<u8>>) {
+        pub async fn publish(
+            &mut self,
+            topic: &str,
+            qos: QoS,
+            retain: bool,
+            payload: impl Into<Vec<u8>>,
+        ) {
             self.publish_props(topic, qos, retain, payload, None).await
         }
 
@@ -428,7 +484,9 @@ pub mod v5 {
         pub async fn disconnect(mut self) {
             self.client.disconnect().await.expect("disconnect request");
             self.events
-                .expect("DISCONNECT sent", |e| matches!(e, Event::Outgoing(Outgoing::Disconnect)).then_some(()))
+                .expect("DISCONNECT sent", |e| {
+                    matches!(e, Event::Outgoing(Outgoing::Disconnect)).then_some(())
+                })
                 .await;
             let _ = self.events.expect_closed().await;
             if let Some(t) = self.task.take() {
@@ -472,9 +530,19 @@ pub mod raw5 {
         buf: BytesMut,
     }
 
-    pub fn connect_packet(id: &str, clean_start: bool, props: Option<ConnectProperties>, will: Option<LastWill>) -> Packet {
+    pub fn connect_packet(
+        id: &str,
+        clean_start: bool,
+        props: Option<ConnectProperties>,
+        will: Option<LastWill>,
+    ) -> Packet {
         Packet::Connect(
-            Connect { keep_alive: 30, client_id: id.to_string(), clean_start, properties: props },
+            Connect {
+                keep_alive: 30,
+                client_id: id.to_string(),
+                clean_start,
+                properties: props,
+            },
             will,
             None::<Login>,
         )
@@ -484,7 +552,10 @@ pub mod raw5 {
         pub async fn open(broker: &Broker) -> Raw {
             let stream = TcpStream::connect(broker.addr).await.expect("tcp connect");
             stream.set_nodelay(true).unwrap();
-            Raw { stream, buf: BytesMut::new() }
+            Raw {
+                stream,
+                buf: BytesMut::new(),
+            }
         }
 
         /// Opens a socket, sends `connect` and returns the CONNACK packet.
@@ -517,9 +588,11 @@ pub mod raw5 {
                 // A DISCONNECT may omit its reason code (normal disconnection); the codec refuses it.
                 if self.buf.len() >= 2 && self.buf[0] == 0xE0 && self.buf[1] == 0 {
                     let _ = self.buf.split_to(2);
-                    return Some(Packet::Disconnect(rumqttc::v5::mqttbytes::v5::Disconnect::new(
-                        rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::NormalDisconnection,
-                    )));
+                    return Some(Packet::Disconnect(
+                        rumqttc::v5::mqttbytes::v5::Disconnect::new(
+                            rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::NormalDisconnection,
+                        ),
+                    ));
                 }
                 match Packet::read(&mut self.buf, None) {
                     Ok(p) => return Some(p),

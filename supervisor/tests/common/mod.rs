@@ -24,7 +24,12 @@ impl Broker {
     /// Starts mqttd with extra `--set key=value` overrides, e.g. `limits.max_inflight=2`.
     pub fn start_with(sets: &[&str]) -> Broker {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqttd"));
-        cmd.args(["--bind", "127.0.0.1:0", "--log-level", "mqttd_broker=debug,info"]);
+        cmd.args([
+            "--bind",
+            "127.0.0.1:0",
+            "--log-level",
+            "mqttd_broker=debug,info",
+        ]);
         for s in sets {
             cmd.args(["--set", s]);
         }
@@ -72,13 +77,18 @@ impl Broker {
 
     /// Sends SIGTERM and waits (bounded) for a clean exit; returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "mqttd did not exit after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "mqttd did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
