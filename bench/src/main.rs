@@ -33,10 +33,14 @@ enum Cmd {
     IdleWorker(scenarios::idle::IdleWorkerArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+fn main() {
+    let result = match Cli::parse().cmd {
         Cmd::Pubsub(a) => scenarios::pubsub::run(a),
         Cmd::Idle(a) => scenarios::idle::run(a),
         Cmd::IdleWorker(a) => scenarios::idle::run_worker(a),
+    };
+    if let Err(e) = result {
+        eprintln!("mqttd-bench: error: {e:#}");
+        std::process::exit(1);
     }
 }

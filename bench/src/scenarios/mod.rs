@@ -144,7 +144,17 @@ pub async fn mqtt_connect(
     }
     let ack = wire::decode_connack(proto, &body)?;
     if ack.code != 0 {
-        bail!("CONNACK refused with code {:#x}", ack.code);
+        let why = match (proto, ack.code) {
+            // A 3.1.1-only broker answers a v5 CONNECT with the v4 code 1.
+            (_, 1) | (Protocol::V5, 0x84) => {
+                " (unacceptable protocol version: does the broker speak this MQTT level?)"
+            }
+            (Protocol::V4, 2) | (Protocol::V5, 0x85) => " (client identifier rejected)",
+            (Protocol::V4, 3) | (Protocol::V5, 0x88) => " (server unavailable)",
+            (Protocol::V4, 5) | (Protocol::V5, 0x87) => " (not authorized)",
+            _ => "",
+        };
+        bail!("CONNACK refused with code {:#x}{why}", ack.code);
     }
     Ok(ack.receive_maximum)
 }
