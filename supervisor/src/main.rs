@@ -60,6 +60,10 @@ fn main() -> anyhow::Result<()> {
     local.block_on(&runtime, async move {
         let worker = Worker::bind(config).await?;
         for (kind, addr) in worker.listen_addrs() {
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                "listening on {kind} {addr}"
+            );
             // Tests and scripts read this line to learn the port when binding port 0.
             println!("mqttd listening {kind} {addr}");
         }
