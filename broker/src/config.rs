@@ -19,7 +19,33 @@ pub struct Config {
     pub listener: ListenerConfig,
     pub limits: Limits,
     pub mqtt: MqttConfig,
+    pub cluster: ClusterConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Worker processes; 0 = one per available core.
+    pub workers: u16,
+    /// Pin each worker to its own core (ignored when there are fewer cores than workers).
+    pub pin_cores: bool,
+    /// Seconds a draining worker (SIGTERM, rolling restart) gets before it is killed.
+    pub drain_timeout_secs: u64,
+    /// Directory for the workers' Unix sockets; empty = a fresh directory under the
+    /// system temp dir, removed at exit.
+    pub mesh_dir: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            workers: 0,
+            pin_cores: true,
+            drain_timeout_secs: 10,
+            mesh_dir: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

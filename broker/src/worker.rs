@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::cluster::Standalone;
+use crate::cluster::{Standalone, WorkerIdentity};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::transport::tcp::TcpReactor;
@@ -25,8 +25,10 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Binds the listeners. Must be called inside the worker's `LocalSet`.
-    pub async fn bind(config: Config) -> anyhow::Result<Worker> {
+    /// Binds the listeners. Must be called inside the worker's `LocalSet`. `identity` is
+    /// `None` for a broker of one worker, or this worker's place among its peers.
+    pub async fn bind(config: Config, identity: Option<WorkerIdentity>) -> anyhow::Result<Worker> {
+        let _ = identity;
         let tcp = bind_tcp(config.listener.tcp, config.listener.backlog)
             .with_context(|| format!("binding {}", config.listener.tcp))?;
         let engine = Engine::new(Rc::new(config), Box::new(Standalone));

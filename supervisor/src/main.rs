@@ -58,7 +58,7 @@ fn main() -> anyhow::Result<()> {
         .context("building the tokio runtime")?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
-        let worker = Worker::bind(config).await?;
+        let worker = Worker::bind(config, None).await?;
         for (kind, addr) in worker.listen_addrs() {
             tracing::info!(
                 version = env!("CARGO_PKG_VERSION"),
