@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::cluster::{Standalone, WorkerIdentity};
+use crate::cluster::{mesh, Standalone, WorkerIdentity};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::transport::tcp::TcpReactor;
@@ -28,14 +28,24 @@ impl Worker {
     /// Binds the listeners. Must be called inside the worker's `LocalSet`. `identity` is
     /// `None` for a broker of one worker, or this worker's place among its peers.
     pub async fn bind(config: Config, identity: Option<WorkerIdentity>) -> anyhow::Result<Worker> {
-        let _ = identity;
         let tcp = bind_tcp(config.listener.tcp, config.listener.backlog)
             .with_context(|| format!("binding {}", config.listener.tcp))?;
-        let engine = Engine::new(Rc::new(config), Box::new(Standalone));
-        Ok(Worker {
-            tcp,
-            engine: Rc::new(RefCell::new(engine)),
-        })
+        let config = Rc::new(config);
+        let engine = match identity {
+            None => Rc::new(RefCell::new(Engine::new(
+                config,
+                Box::new(Standalone),
+                0,
+                1,
+            ))),
+            Some(me) => {
+                let (index, count) = (me.index, me.count);
+                mesh::join(me, |cluster| Engine::new(config, cluster, index, count))
+                    .await
+                    .context("joining the worker mesh")?
+            }
+        };
+        Ok(Worker { tcp, engine })
     }
 
     /// The bound listeners as (kind, address), with real ports when port 0 was asked for.

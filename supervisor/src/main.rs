@@ -1,22 +1,35 @@
 //! `mqttd`: the broker's command line.
 //!
-//! Reads the configuration (file, environment, `--set` flags), sets up logging and runs the
-//! broker. In this version the broker is one worker running in this process; the
-//! multi-process supervisor (one SO_REUSEPORT worker per core) builds on the same
-//! `mqttd_broker::Worker`.
+//! One binary, two modes. Run by a user it is the **supervisor** (`supervisor.rs`): it
+//! reads the configuration, reserves the port and runs `cluster.workers` worker processes
+//! (`--workers N`; 0 = one per core), restarting them when they die, draining them on
+//! SIGTERM/SIGINT and replacing them one at a time on SIGHUP. Each worker is this same
+//! binary re-executed with the hidden `--worker-index/--worker-count/--mesh-dir` flags
+//! (`worker_main.rs`), running one `mqttd_broker::Worker` on one core.
+//!
+//! Configuration comes from the file, the environment and `--set` flags in both modes:
+//! workers get the supervisor's own arguments, so they load exactly the same config.
+
+mod child;
+mod signals;
+mod spawn;
+mod supervisor;
+mod worker_main;
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use mqttd_broker::cluster::WorkerIdentity;
 use mqttd_broker::config::{Config, LogFormat};
-use mqttd_broker::Worker;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "mqttd",
     version,
-    about = "A multi-process MQTT 3.1.1 / 5.0 broker"
+    about = "A multi-process MQTT 3.1.1 / 5.0 broker",
+    // The supervisor appends its own --bind after the user's flags: the last one wins.
+    args_override_self = true
 )]
 struct Cli {
     /// TOML configuration file (see configs/mqttd.toml). Without it the defaults apply.
@@ -25,6 +38,9 @@ struct Cli {
     /// Address of the MQTT/TCP listener (shorthand for --set listener.tcp=ADDR).
     #[arg(short, long)]
     bind: Option<String>,
+    /// Worker processes, 0 = one per core (shorthand for --set cluster.workers=N).
+    #[arg(short, long)]
+    workers: Option<u16>,
     /// Override any config key: --set limits.max_inflight=32 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
@@ -34,6 +50,13 @@ struct Cli {
     /// Log format, human or json (shorthand for --set log.format=...).
     #[arg(long)]
     log_format: Option<String>,
+    /// Worker mode: this process is worker I (set by the supervisor only).
+    #[arg(long, hide = true, requires_all = ["worker_count", "mesh_dir"])]
+    worker_index: Option<u16>,
+    #[arg(long, hide = true, requires = "worker_index")]
+    worker_count: Option<u16>,
+    #[arg(long, hide = true, requires = "worker_index")]
+    mesh_dir: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +64,9 @@ fn main() -> anyhow::Result<()> {
     let mut sets = cli.sets.clone();
     if let Some(bind) = &cli.bind {
         sets.push(format!("listener.tcp=\"{bind}\""));
+    }
+    if let Some(workers) = cli.workers {
+        sets.push(format!("cluster.workers={workers}"));
     }
     if let Some(level) = &cli.log_level {
         sets.push(format!("log.level=\"{level}\""));
@@ -51,41 +77,20 @@ fn main() -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref(), std::env::vars(), &sets)?;
     init_logging(&config)?;
 
-    // One worker owns one core: a current-thread runtime, so the worker's state needs no locks.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building the tokio runtime")?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, async move {
-        let worker = Worker::bind(config, None).await?;
-        for (kind, addr) in worker.listen_addrs() {
-            tracing::info!(
-                version = env!("CARGO_PKG_VERSION"),
-                "listening on {kind} {addr}"
+    match (cli.worker_index, cli.worker_count, cli.mesh_dir) {
+        (Some(index), Some(count), Some(mesh_dir)) => {
+            anyhow::ensure!(
+                index < count,
+                "--worker-index {index} >= --worker-count {count}"
             );
-            // Tests and scripts read this line to learn the port when binding port 0.
-            println!("mqttd listening {kind} {addr}");
+            let identity = WorkerIdentity {
+                index,
+                count,
+                mesh_dir,
+            };
+            worker_main::run(config, identity)
         }
-        use std::io::Write;
-        std::io::stdout().flush().ok();
-        worker.run(shutdown_signal()).await
-    })
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot listen for SIGTERM: {e}");
-            return std::future::pending().await;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ => supervisor::run(config, std::env::args_os().skip(1).collect()),
     }
 }
 

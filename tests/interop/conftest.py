@@ -3,7 +3,8 @@
 Broker selection:
   * default: build `mqttd` once per session (`cargo build --bin mqttd`, cwd =
     repo root, honouring CARGO_TARGET_DIR; MQTTD_BIN overrides the binary)
-    and start `mqttd --bind 127.0.0.1:0 [--set key=value ...]` per test.
+    and start `mqttd --bind 127.0.0.1:0 --workers N [--set key=value ...]` per
+    test (N = MQTTD_TEST_WORKERS, default 1).
   * MQTTD_TEST_BROKER=mosquitto: start a system `mosquitto` per test instead.
 """
 
@@ -145,7 +146,9 @@ def start_mosquitto(tmp_path, settings):
 
 def start_mqttd(tmp_path, settings):
     binary = mqttd_binary()
-    args = [binary, "--bind", "127.0.0.1:0"]
+    # Until cross-worker routing lands, clients of one test must share a worker.
+    args = [binary, "--bind", "127.0.0.1:0",
+            "--workers", os.environ.get("MQTTD_TEST_WORKERS", "1")]
     for key, value in settings.items():
         if isinstance(value, bool):
             value = "true" if value else "false"

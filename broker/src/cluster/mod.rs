@@ -1,14 +1,23 @@
 //! The boundary between this worker and the rest of the broker (other workers, other hosts).
 //!
-//! The engine tells the cluster what changes locally (routes, retained messages, client ids)
-//! and hands it every message published here; the cluster's backend decides where those
-//! go. [`Standalone`] is the one-worker backend: there is no one else, so it does nothing.
-//! The embedded (Unix-socket mesh) and Redis backends implement the same trait, so the
-//! engine does not change when they arrive.
+//! The engine keeps the route table (which workers subscribe to what) and decides where a
+//! message goes; the cluster backend carries what crosses workers: route changes, forwarded
+//! messages, retained messages, connections handed to the worker that owns their client id,
+//! and `$SYS` counters. [`Standalone`] is the one-worker backend; [`mesh`] the embedded one
+//! (a Unix-socket mesh between the worker processes of one host). A Redis backend implements
+//! the same trait, so the engine does not change when it arrives.
 
+mod fdpass;
+pub mod mesh;
+mod wire;
+
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
+use bytes::Bytes;
+
 use crate::engine::Message;
+use crate::router::Route;
 
 /// Who this worker is among its peers, given by the supervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,26 +40,65 @@ pub fn home_worker(client_id: &str, workers: u16) -> u16 {
     (hash % u64::from(workers.max(1))) as u16
 }
 
+/// What the engine tells the rest of the cluster. Calls never block: a backend queues
+/// what it must send and reports what comes back through the engine's inbound methods
+/// (`remote_route`, `deliver_forwarded`, `barrier_done`, `adopt_socket`, ...).
 pub trait Cluster {
-    /// A local session subscribed to `filter` where none did before on this worker.
-    fn route_added(&mut self, filter: &str);
-    /// The last local subscription to `filter` went away.
-    fn route_removed(&mut self, filter: &str);
-    /// A message was published on this worker (after local delivery).
-    fn forward(&mut self, msg: &Message);
-    /// A client id connected here (the cluster ensures it is connected nowhere else).
-    fn client_connected(&mut self, client_id: &str);
+    /// The first local subscription to `route` appeared on this worker.
+    fn route_added(&mut self, route: &Route);
+    /// The last local subscription to `route` went away.
+    fn route_removed(&mut self, route: &Route);
+    /// Sends `msg` to worker `to`: for its plain subscriptions if `plain`, and to one member
+    /// of each listed shared group.
+    fn forward(&mut self, to: u16, msg: &Message, plain: bool, shared: &[(Box<str>, Box<str>)]);
+    /// A retained message was set (or cleared, empty payload) on this worker.
+    fn retained(&mut self, msg: &Message);
+    /// Asks every peer to confirm it has applied everything sent so far. `None` when there
+    /// is nothing to wait for; otherwise the engine hears `barrier_done(id)` later.
+    fn barrier(&mut self) -> Option<u64>;
+    /// Hands a client connection to worker `to` (its client id lives there): the socket and
+    /// the bytes already read from it. Gives the socket back if `to` cannot be reached.
+    fn handoff(&mut self, to: u16, socket: OwnedFd, bytes: Bytes) -> Result<(), OwnedFd>;
+    /// This worker's counters, for the cluster-wide `$SYS` topics.
+    fn report_stats(&mut self, stats: &WorkerStats);
 }
 
-/// The backend of a broker with a single worker.
+/// The counters one worker reports for `$SYS` (summed over workers by worker 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    pub clients_connected: u64,
+    pub sessions: u64,
+    pub subscriptions: u64,
+    pub retained: u64,
+    pub messages_received: u64,
+    pub messages_sent: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+}
+
+/// The backend of a broker with a single worker: there is no one else.
 #[derive(Debug, Default)]
 pub struct Standalone;
 
 impl Cluster for Standalone {
-    fn route_added(&mut self, _filter: &str) {}
-    fn route_removed(&mut self, _filter: &str) {}
-    fn forward(&mut self, _msg: &Message) {}
-    fn client_connected(&mut self, _client_id: &str) {}
+    fn route_added(&mut self, _route: &Route) {}
+    fn route_removed(&mut self, _route: &Route) {}
+    fn forward(
+        &mut self,
+        _to: u16,
+        _msg: &Message,
+        _plain: bool,
+        _shared: &[(Box<str>, Box<str>)],
+    ) {
+    }
+    fn retained(&mut self, _msg: &Message) {}
+    fn barrier(&mut self) -> Option<u64> {
+        None
+    }
+    fn handoff(&mut self, _to: u16, socket: OwnedFd, _bytes: Bytes) -> Result<(), OwnedFd> {
+        Err(socket)
+    }
+    fn report_stats(&mut self, _stats: &WorkerStats) {}
 }
 
 #[cfg(test)]

@@ -34,6 +34,8 @@ pub enum ConnState {
     Active,
     /// Closing: flush `out`, then the driver drops the socket.
     Closing,
+    /// Its client id lives on another worker: the driver passes the socket there.
+    HandingOff,
 }
 
 #[derive(Debug)]
@@ -166,6 +168,13 @@ impl DirtyList {
             if let Some(waker) = self.waker.borrow().as_ref() {
                 waker.wake_by_ref();
             }
+        }
+    }
+
+    /// Wakes the driver without a dirty connection (e.g. a socket handed over to adopt).
+    pub fn wake_driver(&self) {
+        if let Some(waker) = self.waker.borrow().as_ref() {
+            waker.wake_by_ref();
         }
     }
 

@@ -78,6 +78,17 @@ impl Engine {
         _login: Option<Login>,
         now: Instant,
     ) {
+        let connect_bytes = self.connect_bytes.take();
+        if self.workers > 1 && !connect.client_id.is_empty() {
+            let home = crate::cluster::home_worker(&connect.client_id, self.workers);
+            if let (true, Some(bytes)) = (home != self.index, connect_bytes) {
+                // The client id lives on another worker: the whole connection moves there,
+                // so takeover and session resumption stay local to one engine.
+                self.conns[key].state = ConnState::HandingOff;
+                self.handoffs.push((key, home, bytes));
+                return;
+            }
+        }
         let v5 = self.conns[key].version.is_v5();
         if self.conns[key].over_limit {
             self.stats.connections_refused += 1;
@@ -167,8 +178,6 @@ impl Engine {
             v5.then_some(props),
         ));
         tracing::debug!(conn = key, client_id = %self.sessions[skey].client_id, session_present, "connected");
-        self.cluster
-            .client_connected(&self.sessions[skey].client_id);
         self.resume_delivery(skey, now);
     }
 
@@ -253,7 +262,7 @@ impl Engine {
         granted
     }
 
-    fn refuse(&mut self, key: ConnKey, code: ConnectReturnCode, why: &str) {
+    pub(super) fn refuse(&mut self, key: ConnKey, code: ConnectReturnCode, why: &str) {
         tracing::info!(conn = key, ?code, "CONNECT refused: {why}");
         let conn = &mut self.conns[key];
         conn.send(&connack(false, code, None));

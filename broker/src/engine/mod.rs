@@ -9,6 +9,7 @@
 //! routed message; the packet handlers are split by concern into `connect.rs`,
 //! `publish.rs` (inbound PUBLISH, routing, delivery, acks) and `subscribe.rs`.
 
+mod cluster_io;
 mod conn;
 mod connect;
 mod message;
@@ -16,6 +17,7 @@ mod publish;
 mod session;
 mod stats;
 mod subscribe;
+mod sys;
 
 use std::rc::Rc;
 use std::time::Instant;
@@ -30,9 +32,12 @@ pub use session::Session;
 pub use stats::Stats;
 
 use crate::cluster::Cluster;
+use crate::cluster::WorkerStats;
 use crate::config::Config;
 use crate::protocol::{self, DecodeError, DisconnectReasonCode, Packet, PingResp};
-use crate::router::{RetainedStore, SubscriptionIndex};
+use crate::router::RetainedStore;
+use crate::router::{Route, RouteTable, SharedGroups, SubscriptionIndex};
+use subscribe::ParkedSubAck;
 
 /// Ticks a closing connection may spend flushing before it is dropped regardless.
 const ABORT_AFTER_TICKS: u8 = 3;
@@ -45,11 +50,35 @@ pub struct Engine {
     conns: Slab<Conn>,
     sessions: Slab<Session>,
     client_ids: AHashMap<Box<str>, usize>,
+    /// Local plain subscriptions.
     subscriptions: SubscriptionIndex,
-    /// Local subscriptions per inner filter, so the cluster hears of a route once.
-    route_refs: AHashMap<Box<str>, u32>,
+    /// Local members of shared subscription groups.
+    shared: SharedGroups,
+    /// Which workers (this one included) subscribe to what.
+    routes: RouteTable,
+    /// Local subscriptions per route, so the cluster hears of a route once.
+    route_refs: AHashMap<Route, u32>,
     retained: RetainedStore,
     cluster: Box<dyn Cluster>,
+    /// This worker's index among `workers` (0 of 1 for a single worker).
+    index: u16,
+    workers: u16,
+    /// Set while a CONNECT is decoded: the bytes to pass on if the client id lives elsewhere.
+    connect_bytes: Option<bytes::Bytes>,
+    /// Connections to hand to the worker owning their client id: (conn, worker, bytes).
+    handoffs: Vec<(ConnKey, u16, bytes::Bytes)>,
+    /// Sockets other workers handed to this one, waiting for the transport to adopt them.
+    adopted: Vec<(std::os::fd::OwnedFd, bytes::Bytes)>,
+    /// SUBACKs waiting for a cluster barrier.
+    parked_subacks: Vec<(u64, ParkedSubAck)>,
+    /// Routes each peer announced, so they can be dropped when it goes away.
+    remote_routes: Vec<std::collections::HashSet<Route>>,
+    /// Latest counters reported by each worker (for `$SYS`, kept by worker 0).
+    worker_stats: Vec<Option<WorkerStats>>,
+    started_at: Instant,
+    last_sys_publish: Option<Instant>,
+    plain_worker_scratch: Vec<u16>,
+    shared_target_scratch: Vec<(u16, Box<str>, Box<str>)>,
     /// Connections that count against the limit (have not been refused).
     admitted: usize,
     next_assigned_id: u64,
@@ -61,7 +90,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(config: Rc<Config>, cluster: Box<dyn Cluster>) -> Engine {
+    /// An engine for worker `index` of `workers` (0 of 1 for a single-worker broker).
+    pub fn new(config: Rc<Config>, cluster: Box<dyn Cluster>, index: u16, workers: u16) -> Engine {
         let retained = RetainedStore::new(config.limits.max_retained_messages);
         Engine {
             config,
@@ -69,9 +99,23 @@ impl Engine {
             sessions: Slab::new(),
             client_ids: AHashMap::new(),
             subscriptions: SubscriptionIndex::new(),
+            shared: SharedGroups::default(),
+            routes: RouteTable::default(),
             route_refs: AHashMap::new(),
             retained,
             cluster,
+            index,
+            workers: workers.max(1),
+            connect_bytes: None,
+            handoffs: Vec::new(),
+            adopted: Vec::new(),
+            parked_subacks: Vec::new(),
+            worker_stats: vec![None; workers.max(1) as usize],
+            remote_routes: vec![Default::default(); workers.max(1) as usize],
+            started_at: Instant::now(),
+            last_sys_publish: None,
+            plain_worker_scratch: Vec::new(),
+            shared_target_scratch: Vec::new(),
             admitted: 0,
             next_assigned_id: 0,
             match_scratch: Vec::new(),
@@ -113,8 +157,13 @@ impl Engine {
     /// Handles every complete packet in `buf` (bytes just read for `key`, after
     /// [`Engine::prepare_read`]). An incomplete tail is kept in the connection.
     pub fn handle_read(&mut self, key: ConnKey, buf: &mut BytesMut, now: Instant) {
-        if !self.conns.contains(key) {
+        let Some(conn) = self.conns.get(key) else {
             return;
+        };
+        if conn.state == ConnState::AwaitingConnect && self.workers > 1 {
+            // Kept until CONNECT is decoded: if its client id lives on another worker, the
+            // connection moves there together with every byte read so far.
+            self.connect_bytes = Some(bytes::Bytes::copy_from_slice(buf));
         }
         self.stats.bytes_received += buf.len() as u64;
         let max = self.config.limits.max_packet_size;
@@ -122,8 +171,9 @@ impl Engine {
             let Some(conn) = self.conns.get_mut(key) else {
                 return;
             };
-            if conn.is_closing() {
+            if conn.is_closing() || conn.state == ConnState::HandingOff {
                 buf.clear();
+                self.connect_bytes = None;
                 return;
             }
             let read = match conn.state {
@@ -249,7 +299,9 @@ impl Engine {
 
     /// True when the driver should close the socket once `output` is flushed.
     pub fn is_closing(&self, key: ConnKey) -> bool {
-        self.conns.get(key).is_none_or(|c| c.is_closing())
+        self.conns
+            .get(key)
+            .is_none_or(|c| c.is_closing() || c.state == ConnState::HandingOff)
     }
 
     /// True when a closing connection has failed to flush its last bytes for a few ticks:
@@ -285,6 +337,9 @@ impl Engine {
 
     /// Ready when some connection is dirty; wakes the caller on the next one otherwise.
     pub fn poll_dirty(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if !self.adopted.is_empty() {
+            return std::task::Poll::Ready(());
+        }
         self.dirty.poll_ready(cx)
     }
 
@@ -301,6 +356,7 @@ impl Engine {
                     closing.push(key);
                     false
                 }
+                ConnState::HandingOff => false,
             };
             if late {
                 expired.push(key);
@@ -329,6 +385,7 @@ impl Engine {
         }
         self.expire_sessions(now);
         self.retained.sweep(now);
+        self.publish_sys(now);
     }
 
     /// Offline sessions: publish wills whose delay passed, discard expired sessions.
@@ -426,11 +483,13 @@ impl Engine {
         self.retained.len()
     }
 
+    /// A fresh client id that lives on this worker (its hash picks this worker).
     fn assign_client_id(&mut self) -> String {
         loop {
             self.next_assigned_id += 1;
             let id = format!("mqttd-{}-{:x}", std::process::id(), self.next_assigned_id);
-            if !self.client_ids.contains_key(id.as_str()) {
+            let home = crate::cluster::home_worker(&id, self.workers);
+            if home == self.index && !self.client_ids.contains_key(id.as_str()) {
                 return id;
             }
         }

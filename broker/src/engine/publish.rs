@@ -16,6 +16,7 @@ use crate::protocol::{
     qos_from_u8, Disconnect, DisconnectReasonCode, Packet, PubAck, PubAckReason, PubComp,
     PubCompReason, PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties,
 };
+use crate::router::RouteKind;
 
 impl Engine {
     pub(super) fn handle_publish(&mut self, key: ConnKey, p: Publish, now: Instant) {
@@ -165,8 +166,11 @@ impl Engine {
         }
     }
 
-    fn store_retained(&mut self, msg: &Rc<Message>) {
-        if !self.retained.set(msg.clone()) {
+    /// Stores a retained message published on this worker and tells the peers.
+    pub(super) fn store_retained(&mut self, msg: &Rc<Message>) {
+        if self.retained.set(msg.clone()) {
+            self.cluster.retained(msg);
+        } else {
             tracing::warn!(
                 topic = msg.topic_str(),
                 "retained store full: message not retained"
@@ -190,9 +194,56 @@ impl Engine {
         self.route(&msg, now);
     }
 
-    /// Delivers `msg` to every local session with a matching subscription (once per session,
-    /// merging overlapping subscriptions), then hands it to the cluster.
+    /// Delivers `msg` to the local sessions that subscribe to it, and forwards it to the
+    /// workers that have matching routes: each such worker gets it once, for its plain
+    /// subscriptions and for the shared groups the route table picked it to serve.
     pub(super) fn route(&mut self, msg: &Rc<Message>, now: Instant) {
+        self.deliver_to_plain_subscribers(msg, now);
+        let mut plain_workers = std::mem::take(&mut self.plain_worker_scratch);
+        let mut shared = std::mem::take(&mut self.shared_target_scratch);
+        plain_workers.clear();
+        shared.clear();
+        let me = self.index;
+        self.routes
+            .for_each_match(msg.topic_str(), |&worker, kind| match kind {
+                RouteKind::Plain if worker != me => plain_workers.push(worker),
+                RouteKind::Plain => {}
+                RouteKind::Shared { group, filter } => {
+                    shared.push((worker, group.clone(), filter.clone()))
+                }
+            });
+        for (_, group, filter) in shared.iter().filter(|(w, ..)| *w == me) {
+            self.deliver_to_shared_group(group, filter, msg, now);
+        }
+        shared.retain(|(w, ..)| *w != me);
+        if !plain_workers.is_empty() || !shared.is_empty() {
+            plain_workers.sort_unstable();
+            plain_workers.dedup();
+            let mut workers: Vec<u16> = plain_workers
+                .iter()
+                .copied()
+                .chain(shared.iter().map(|(w, ..)| *w))
+                .collect();
+            workers.sort_unstable();
+            workers.dedup();
+            for worker in workers {
+                let plain = plain_workers.binary_search(&worker).is_ok();
+                let groups: Vec<(Box<str>, Box<str>)> = shared
+                    .iter()
+                    .filter(|(w, ..)| *w == worker)
+                    .map(|(_, g, f)| (g.clone(), f.clone()))
+                    .collect();
+                self.stats.forwarded += 1;
+                self.cluster.forward(worker, msg, plain, &groups);
+            }
+        }
+        self.plain_worker_scratch = plain_workers;
+        self.shared_target_scratch = shared;
+    }
+
+    /// Local plain subscriptions: once per session, overlapping subscriptions merged
+    /// (highest QoS, every subscription identifier).
+    pub(super) fn deliver_to_plain_subscribers(&mut self, msg: &Rc<Message>, now: Instant) {
         let mut matches = std::mem::take(&mut self.match_scratch);
         matches.clear();
         self.subscriptions
@@ -221,7 +272,25 @@ impl Engine {
             }
         }
         self.match_scratch = matches;
-        self.cluster.forward(msg);
+    }
+
+    /// One local member of a shared group, round-robin.
+    pub(super) fn deliver_to_shared_group(
+        &mut self,
+        group: &str,
+        filter: &str,
+        msg: &Rc<Message>,
+        now: Instant,
+    ) {
+        let Some((skey, opts)) = self.shared.pick(group, filter) else {
+            return;
+        };
+        let delivery = Delivery {
+            qos: opts.qos.min(msg.qos as u8),
+            retain: opts.retain_as_published && msg.retain,
+            subscription_ids: opts.subscription_id.into_iter().collect(),
+        };
+        self.deliver(skey, msg, delivery, now);
     }
 
     /// Sends `msg` to session `skey` now if its connection and window allow, else queues it.

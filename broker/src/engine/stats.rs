@@ -15,6 +15,12 @@ pub struct Stats {
     pub protocol_errors: u64,
     pub keepalive_timeouts: u64,
     pub takeovers: u64,
+    /// Messages sent to another worker (one per worker per message).
+    pub forwarded: u64,
+    /// Messages received from another worker.
+    pub forwarded_in: u64,
+    /// Connections handed to the worker that owns their client id.
+    pub handed_off: u64,
     /// QoS 0 messages not sent because the client's output was backed up.
     pub dropped_qos0_backlog: u64,
     /// QoS 1/2 messages not queued because the session's queue was full.

@@ -12,6 +12,7 @@ use crate::protocol::{
     qos_from_u8, DisconnectReasonCode, Filter, Packet, RetainForwardRule, SubAck, Subscribe,
     SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
+use crate::router::Route;
 
 /// What one filter of a SUBSCRIBE came to.
 enum FilterOutcome {
@@ -48,8 +49,17 @@ impl Engine {
         let subscription_id = subscription_id.map(|id| id as u32);
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained: Vec<(Rc<Message>, Delivery)> = Vec::new();
+        let mut new_route = false;
         for filter in &s.filters {
-            let code = match self.subscribe_one(skey, filter, subscription_id, &mut retained, now) {
+            let outcome = self.subscribe_one(
+                skey,
+                filter,
+                subscription_id,
+                &mut retained,
+                &mut new_route,
+                now,
+            );
+            let code = match outcome {
                 FilterOutcome::Granted(qos) => SubscribeReasonCode::Success(qos_from_u8(qos)),
                 FilterOutcome::Refused(code) => code,
                 FilterOutcome::Fatal(reason, why) => {
@@ -58,14 +68,36 @@ impl Engine {
             };
             codes.push(code);
         }
-        // SUBACK goes out before the retained messages it unlocks (MQTT-3.8.4-4 ordering).
-        self.conns[key].send(&Packet::SubAck(SubAck {
+        let suback = Packet::SubAck(SubAck {
             pkid: s.pkid,
             return_codes: codes,
             properties: None,
-        }));
-        for (msg, delivery) in retained {
-            self.deliver(skey, &msg, delivery, now);
+        });
+        // A new route must be known to every worker before SUBACK: a client that
+        // publishes after its SUBACK, through any worker, must reach this subscription.
+        let parked = ParkedSubAck {
+            conn: key,
+            session: skey,
+            suback,
+            retained,
+        };
+        match new_route.then(|| self.cluster.barrier()).flatten() {
+            Some(barrier) => self.parked_subacks.push((barrier, parked)),
+            None => self.complete_subscribe(parked, now),
+        }
+    }
+
+    /// Sends a SUBACK and then the retained messages it unlocks (in that order).
+    pub(super) fn complete_subscribe(&mut self, parked: ParkedSubAck, now: Instant) {
+        let Some(conn) = self.conns.get_mut(parked.conn) else {
+            return;
+        };
+        if conn.session != Some(parked.session) {
+            return; // the connection went away while the cluster confirmed the route
+        }
+        conn.send(&parked.suback);
+        for (msg, delivery) in parked.retained {
+            self.deliver(parked.session, &msg, delivery, now);
         }
     }
 
@@ -75,6 +107,7 @@ impl Engine {
         f: &Filter,
         subscription_id: Option<u32>,
         retained: &mut Vec<(Rc<Message>, Delivery)>,
+        new_route: &mut bool,
         now: Instant,
     ) -> FilterOutcome {
         if f.path.contains('\0') {
@@ -130,16 +163,24 @@ impl Engine {
             .subscriptions
             .insert(f.path.as_str().into(), opts)
             .is_some();
-        match parsed {
+        let route = match parsed {
             SubscriptionFilter::Plain(filter) => {
                 self.subscriptions.insert(filter, skey, opts);
+                Route {
+                    filter: filter.into(),
+                    group: None,
+                }
             }
             SubscriptionFilter::Shared { group, filter } => {
-                self.subscriptions.insert_shared(group, filter, skey, opts);
+                self.shared.insert(group, filter, skey, opts);
+                Route {
+                    filter: filter.into(),
+                    group: Some(group.into()),
+                }
             }
-        }
+        };
         if !existed {
-            self.add_route(inner);
+            *new_route |= self.add_route(route);
         }
         // Retained messages are never sent for shared subscriptions (MQTT-4.8.2-5 note).
         let wants_retained = matches!(parsed, SubscriptionFilter::Plain(_))
@@ -189,35 +230,56 @@ impl Engine {
 
     /// Removes one of a session's filters (as the client sent it) from the index.
     pub(super) fn remove_subscription(&mut self, skey: usize, filter: &str) {
-        let inner = match topic_trie::parse_subscription_filter(filter) {
+        let route = match topic_trie::parse_subscription_filter(filter) {
             Ok(SubscriptionFilter::Plain(f)) => {
                 self.subscriptions.remove(f, &skey);
-                f
+                Route {
+                    filter: f.into(),
+                    group: None,
+                }
             }
             Ok(SubscriptionFilter::Shared { group, filter: f }) => {
-                self.subscriptions.remove_shared(group, f, &skey);
-                f
+                self.shared.remove(group, f, skey);
+                Route {
+                    filter: f.into(),
+                    group: Some(group.into()),
+                }
             }
             Err(_) => return,
         };
-        self.remove_route(inner);
+        self.remove_route(route);
     }
 
-    fn add_route(&mut self, filter: &str) {
-        let refs = self.route_refs.entry(filter.into()).or_insert(0);
+    /// Counts a local subscription to `route`; the first one is announced to the cluster.
+    /// Returns true if the route is new on this worker.
+    fn add_route(&mut self, route: Route) -> bool {
+        let refs = self.route_refs.entry(route.clone()).or_insert(0);
         *refs += 1;
-        if *refs == 1 {
-            self.cluster.route_added(filter);
+        if *refs > 1 {
+            return false;
         }
+        self.routes.add(self.index, &route);
+        self.cluster.route_added(&route);
+        true
     }
 
-    fn remove_route(&mut self, filter: &str) {
-        if let Some(refs) = self.route_refs.get_mut(filter) {
+    fn remove_route(&mut self, route: Route) {
+        if let Some(refs) = self.route_refs.get_mut(&route) {
             *refs -= 1;
             if *refs == 0 {
-                self.route_refs.remove(filter);
-                self.cluster.route_removed(filter);
+                self.route_refs.remove(&route);
+                self.routes.remove(self.index, &route);
+                self.cluster.route_removed(&route);
             }
         }
     }
+}
+
+/// A SUBACK waiting for the cluster to confirm a new route (see `Cluster::barrier`).
+#[derive(Debug)]
+pub(crate) struct ParkedSubAck {
+    conn: ConnKey,
+    session: usize,
+    suback: Packet,
+    retained: Vec<(Rc<Message>, Delivery)>,
 }

@@ -25,7 +25,7 @@ struct Harness {
 impl Harness {
     fn new() -> Harness {
         Harness {
-            engine: Engine::new(Rc::new(Config::default()), Box::new(Standalone)),
+            engine: Engine::new(Rc::new(Config::default()), Box::new(Standalone), 0, 1),
             now: Instant::now(),
             keep_alive: 0,
         }
@@ -244,7 +244,7 @@ fn offline_queue_is_bounded() {
     let mut config = Config::default();
     config.limits.max_queued_messages = 2;
     let mut h = Harness::new();
-    h.engine = Engine::new(Rc::new(config), Box::new(Standalone));
+    h.engine = Engine::new(Rc::new(config), Box::new(Standalone), 0, 1);
     let sub = h.connect("s", false, 60, None);
     h.subscribe(sub, "q", QoS::AtLeastOnce);
     h.engine.connection_lost(sub, h.now);

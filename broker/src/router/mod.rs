@@ -1,11 +1,15 @@
-//! This worker's routing state: which local sessions subscribe to what (a topic trie) and
-//! the retained messages. Cross-worker routes live behind [`crate::cluster::Cluster`].
+//! This worker's routing state: which local sessions subscribe to what (a topic trie for
+//! plain subscriptions, [`SharedGroups`] for shared ones), the cluster [`RouteTable`] of
+//! which workers subscribe to what, and the retained messages.
 
 mod retained;
+mod routes;
+mod shared;
 
 pub use retained::RetainedStore;
+pub use routes::{Route, RouteKind, RouteTable};
+pub use shared::SharedGroups;
 pub use topic_trie::SubscriptionOptions;
 
-/// Local subscriptions, keyed by session slot. Shared subscriptions are kept in the same
-/// trie under their group, and the trie picks one member per message.
+/// Local plain subscriptions, keyed by session slot.
 pub type SubscriptionIndex = topic_trie::TopicTrie<usize, SubscriptionOptions>;

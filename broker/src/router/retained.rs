@@ -60,6 +60,10 @@ impl RetainedStore {
         self.by_topic.retain(|_, m| !m.is_expired(now));
     }
 
+    pub fn all(&self) -> Vec<Rc<Message>> {
+        self.by_topic.values().cloned().collect()
+    }
+
     pub fn len(&self) -> usize {
         self.by_topic.len()
     }

@@ -11,7 +11,7 @@
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -146,6 +146,7 @@ impl TcpReactor {
 
     /// One batch: take what epoll has, read and handle it, then write what became dirty.
     fn turn(&mut self) {
+        self.adopt_handed_over();
         self.events.clear();
         if let Err(e) = self.poll.poll(&mut self.events, Some(Duration::ZERO)) {
             if e.kind() != io::ErrorKind::Interrupted {
@@ -175,7 +176,57 @@ impl TcpReactor {
             self.read(key);
         }
         self.unfinished_reads.append(&mut to_read);
+        self.hand_off_connections();
         self.flush_dirty();
+    }
+
+    /// Connections whose client id lives on another worker leave for it, socket and bytes.
+    fn hand_off_connections(&mut self) {
+        let handoffs = self.engine.borrow_mut().take_handoffs();
+        for (key, to, bytes) in handoffs {
+            let Some(mut stream) = self.streams.get_mut(key).and_then(Option::take) else {
+                continue;
+            };
+            let _ = self.poll.registry().deregister(&mut stream);
+            let socket = OwnedFd::from(stream);
+            let result = self.engine.borrow_mut().hand_off(key, to, socket, bytes);
+            if let Err(socket) = result {
+                // The engine refused the client instead; keep the socket to flush that.
+                self.install(key, TcpStream::from_std(std::net::TcpStream::from(socket)));
+            }
+        }
+    }
+
+    /// Connections other workers handed over: adopted, then fed the bytes already read.
+    fn adopt_handed_over(&mut self) {
+        let adopted = self.engine.borrow_mut().take_adopted();
+        for (socket, bytes) in adopted {
+            let now = Instant::now();
+            let key = self.engine.borrow_mut().accept(now);
+            self.install(key, TcpStream::from_std(std::net::TcpStream::from(socket)));
+            let mut buf = BytesMut::from(&bytes[..]);
+            self.engine.borrow_mut().handle_read(key, &mut buf, now);
+        }
+    }
+
+    /// Registers `stream` with epoll under `key` (closing the connection if that fails).
+    fn install(&mut self, key: ConnKey, mut stream: TcpStream) {
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, Token(key), interest)
+        {
+            tracing::warn!("registering a connection: {e}");
+            self.engine
+                .borrow_mut()
+                .connection_lost(key, Instant::now());
+            return;
+        }
+        if self.streams.len() <= key {
+            self.streams.resize_with(key + 1, || None);
+        }
+        self.streams[key] = Some(stream);
     }
 
     fn accept_all(&mut self) {

@@ -14,6 +14,17 @@ pub mod clients;
 pub struct Broker {
     child: Child,
     pub addr: SocketAddr,
+    /// Stopped on purpose by the test (by a signal): Drop does not call that a crash.
+    stopped: bool,
+}
+
+/// Worker processes per broker in tests: `MQTTD_TEST_WORKERS`, default 1 (until
+/// cross-worker routing lands, clients on different workers cannot see each other).
+pub fn test_workers() -> u16 {
+    std::env::var("MQTTD_TEST_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
 }
 
 impl Broker {
@@ -21,14 +32,23 @@ impl Broker {
         Broker::start_with(&[])
     }
 
-    /// Starts mqttd with extra `--set key=value` overrides, e.g. `limits.max_inflight=2`.
+    /// Starts mqttd with extra `--set key=value` overrides, e.g. `limits.max_inflight=2`,
+    /// and [`test_workers`] workers.
     pub fn start_with(sets: &[&str]) -> Broker {
+        Broker::start_workers(test_workers(), sets)
+    }
+
+    /// Starts mqttd with `workers` worker processes; returns once it printed
+    /// `mqttd listening tcp ADDR` (every worker is ready).
+    pub fn start_workers(workers: u16, sets: &[&str]) -> Broker {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqttd"));
         cmd.args([
             "--bind",
             "127.0.0.1:0",
             "--log-level",
             "mqttd_broker=debug,info",
+            "--workers",
+            &workers.to_string(),
         ]);
         for s in sets {
             cmd.args(["--set", s]);
@@ -42,6 +62,7 @@ impl Broker {
         let mut broker = Broker {
             child,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            stopped: false,
         };
         let stdout = broker.child.stdout.take().expect("stdout");
         // The broker prints "mqttd listening tcp ADDR" once bound; read until then.
@@ -77,18 +98,30 @@ impl Broker {
 
     /// Sends SIGTERM and waits (bounded) for a clean exit; returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        self.signal("TERM");
+        self.wait_exit()
+    }
+
+    /// Sends `kill -SIG` (e.g. "HUP", "KILL") to the supervisor.
+    pub fn signal(&mut self, sig: &str) {
+        if sig == "KILL" || sig == "TERM" || sig == "INT" {
+            self.stopped = true;
+        }
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits (bounded) for the supervisor to exit; returns its exit status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "mqttd did not exit after SIGTERM"
-            );
+            assert!(Instant::now() < deadline, "mqttd did not exit");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -100,7 +133,7 @@ impl Drop for Broker {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if let Some(status) = crashed {
-            if !std::thread::panicking() && !status.success() {
+            if !std::thread::panicking() && !status.success() && !self.stopped {
                 panic!("mqttd had died during the test: {status}");
             }
         }

@@ -253,6 +253,19 @@ impl Raw {
         }
     }
 
+    /// Wraps an already connected stream.
+    pub fn from_stream(stream: TcpStream, v: V) -> Raw {
+        stream.set_nodelay(true).expect("nodelay");
+        stream
+            .set_write_timeout(Some(TIMEOUT))
+            .expect("write timeout");
+        Raw {
+            stream,
+            v,
+            buf: Vec::new(),
+        }
+    }
+
     /// Opens, sends a clean-start CONNECT and checks the CONNACK is a success; returns it too.
     pub fn connect(addr: SocketAddr, v: V, client_id: &str) -> (Raw, Vec<u8>) {
         let mut raw = Raw::open(addr, v);
@@ -271,6 +284,10 @@ impl Raw {
 
     pub fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).expect("write to mqttd");
+    }
+
+    pub fn try_send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
     }
 
     /// Sends and ignores errors (the broker may already have closed).

@@ -1,0 +1,538 @@
+//! The embedded cluster backend: a full mesh of Unix stream sockets between the worker
+//! processes of one host. No outside service.
+//!
+//! Worker `i` listens on `{mesh_dir}/w{i}.sock` and opens one outbound link to every peer;
+//! a link is one-way (frames from this worker to that peer), so each pair of workers has
+//! two. Frames for a peer accumulate in its outbox while the engine works and leave in one
+//! write per wake-up (batching). On connecting, a worker sends `Hello`, its routes and its
+//! retained messages; a peer whose inbound link closes (process died, or a
+//! new incarnation replaced it) has its routes dropped from the route table.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::Interest;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
+
+use super::fdpass;
+use super::wire::{self, Frame};
+use super::{Cluster, WorkerIdentity, WorkerStats};
+use crate::engine::{Engine, Message};
+use crate::router::Route;
+
+/// A peer's outbound link may hold this much before forwards to it are dropped (a peer that
+/// stopped reading must not grow this worker's memory without bound).
+const MAX_OUTBOX: usize = 64 * 1024 * 1024;
+/// How long a worker waits for its peers when it starts.
+const JOIN_DEADLINE: Duration = Duration::from_secs(10);
+
+pub fn socket_path(dir: &Path, index: u16) -> PathBuf {
+    dir.join(format!("w{index}.sock"))
+}
+
+/// One outbound link to a peer.
+#[derive(Default)]
+struct Link {
+    connected: bool,
+    out: BytesMut,
+    /// Descriptors to send, each with the byte offset in `out` of its Handoff frame.
+    fds: VecDeque<(usize, OwnedFd)>,
+    notify: Rc<Notify>,
+    /// Process id of the peer incarnation this link is connected to.
+    peer_pid: Option<u32>,
+}
+
+/// What each side of the mesh knows about a peer.
+#[derive(Default)]
+struct Peer {
+    /// Process id from the latest Hello received from this peer.
+    pid: Option<u32>,
+    routes_received: bool,
+    retained_received: bool,
+}
+
+pub struct MeshState {
+    me: WorkerIdentity,
+    links: Vec<Link>,
+    peers: Vec<Peer>,
+    barriers: AHashMap<u64, Vec<u16>>,
+    next_barrier: u64,
+    /// Woken whenever join progress is made (see `MeshState::joined`).
+    progress: Rc<Notify>,
+    dropped_forwards: u64,
+}
+
+impl MeshState {
+    fn peer_indexes(&self) -> impl Iterator<Item = u16> + '_ {
+        let me = self.me.index;
+        (0..self.me.count).filter(move |&i| i != me)
+    }
+
+    fn push(&mut self, to: u16, f: &Frame) {
+        let link = &mut self.links[to as usize];
+        if link.connected {
+            wire::encode(&mut link.out, f, Instant::now());
+            link.notify.notify_one();
+        }
+    }
+
+    fn broadcast(&mut self, f: &Frame) {
+        let peers: Vec<u16> = self.peer_indexes().collect();
+        for p in peers {
+            self.push(p, f);
+        }
+    }
+
+    /// Every peer is linked both ways and has sent its routes and retained messages.
+    fn joined(&self) -> bool {
+        self.peer_indexes().all(|p| {
+            let peer = &self.peers[p as usize];
+            self.links[p as usize].connected && peer.routes_received && peer.retained_received
+        })
+    }
+
+    /// `peer` is gone: its pending barrier acknowledgements count as given.
+    fn forget_barriers_of(&mut self, peer: u16) -> Vec<u64> {
+        let mut done = Vec::new();
+        for (id, waiting) in self.barriers.iter_mut() {
+            waiting.retain(|&p| p != peer);
+            if waiting.is_empty() {
+                done.push(*id);
+            }
+        }
+        for id in &done {
+            self.barriers.remove(id);
+        }
+        done
+    }
+}
+
+/// The engine's handle on the mesh (implements [`Cluster`]).
+pub struct EmbeddedCluster {
+    state: Rc<RefCell<MeshState>>,
+}
+
+impl Cluster for EmbeddedCluster {
+    fn route_added(&mut self, route: &Route) {
+        self.state
+            .borrow_mut()
+            .broadcast(&Frame::RouteAdd(route.clone()));
+    }
+
+    fn route_removed(&mut self, route: &Route) {
+        self.state
+            .borrow_mut()
+            .broadcast(&Frame::RouteRemove(route.clone()));
+    }
+
+    fn forward(&mut self, to: u16, msg: &Message, plain: bool, shared: &[(Box<str>, Box<str>)]) {
+        let mut state = self.state.borrow_mut();
+        let link = &mut state.links[to as usize];
+        if !link.connected || link.out.len() > MAX_OUTBOX {
+            state.dropped_forwards += 1;
+            return;
+        }
+        wire::encode_publish(&mut link.out, plain, shared, msg, Instant::now());
+        link.notify.notify_one();
+    }
+
+    fn retained(&mut self, msg: &Message) {
+        self.state
+            .borrow_mut()
+            .broadcast(&Frame::Retained(msg.clone()));
+    }
+
+    fn barrier(&mut self) -> Option<u64> {
+        let mut state = self.state.borrow_mut();
+        let waiting: Vec<u16> = state
+            .peer_indexes()
+            .filter(|&p| state.links[p as usize].connected)
+            .collect();
+        if waiting.is_empty() {
+            return None;
+        }
+        state.next_barrier += 1;
+        let id = state.next_barrier;
+        for &p in &waiting {
+            state.push(p, &Frame::Barrier(id));
+        }
+        state.barriers.insert(id, waiting);
+        Some(id)
+    }
+
+    fn handoff(&mut self, to: u16, socket: OwnedFd, bytes: Bytes) -> Result<(), OwnedFd> {
+        let mut state = self.state.borrow_mut();
+        let link = &mut state.links[to as usize];
+        if !link.connected {
+            return Err(socket);
+        }
+        let offset = link.out.len();
+        wire::encode(&mut link.out, &Frame::Handoff(bytes), Instant::now());
+        link.fds.push_back((offset, socket));
+        link.notify.notify_one();
+        Ok(())
+    }
+
+    fn report_stats(&mut self, stats: &WorkerStats) {
+        let mut state = self.state.borrow_mut();
+        if state.me.index != 0 {
+            state.push(0, &Frame::Stats(*stats));
+        }
+    }
+}
+
+/// Joins the mesh: binds this worker's socket, starts the link tasks, and waits (bounded)
+/// until every peer is linked and has shared its routes and retained messages. Must run
+/// inside the worker's `LocalSet`. The engine is created by `make_engine` with the backend.
+pub async fn join(
+    me: WorkerIdentity,
+    make_engine: impl FnOnce(Box<dyn Cluster>) -> Engine,
+) -> std::io::Result<Rc<RefCell<Engine>>> {
+    let path = socket_path(&me.mesh_dir, me.index);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    let count = me.count as usize;
+    let state = Rc::new(RefCell::new(MeshState {
+        me: me.clone(),
+        links: (0..count).map(|_| Link::default()).collect(),
+        peers: (0..count).map(|_| Peer::default()).collect(),
+        barriers: AHashMap::new(),
+        next_barrier: 0,
+        progress: Rc::new(Notify::new()),
+        dropped_forwards: 0,
+    }));
+    let engine = Rc::new(RefCell::new(make_engine(Box::new(EmbeddedCluster {
+        state: state.clone(),
+    }))));
+    tokio::task::spawn_local(accept_links(listener, state.clone(), engine.clone()));
+    for peer in (0..me.count).filter(|&p| p != me.index) {
+        tokio::task::spawn_local(run_link(peer, state.clone(), engine.clone()));
+    }
+    let progress = state.borrow().progress.clone();
+    let joined = async {
+        loop {
+            let notified = progress.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so progress made in between is not missed.
+            notified.as_mut().enable();
+            if state.borrow().joined() {
+                return;
+            }
+            notified.await;
+        }
+    };
+    if tokio::time::timeout(JOIN_DEADLINE, joined).await.is_err() {
+        tracing::warn!(
+            worker = me.index,
+            "not every peer answered within {JOIN_DEADLINE:?}; serving anyway"
+        );
+    }
+    Ok(engine)
+}
+
+/// Keeps the outbound link to `peer` connected and writes its outbox.
+async fn run_link(peer: u16, state: Rc<RefCell<MeshState>>, engine: Rc<RefCell<Engine>>) {
+    let path = socket_path(&state.borrow().me.mesh_dir, peer);
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let stream = match UnixStream::connect(&path).await {
+            Ok(s) => s,
+            Err(_) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(10);
+        let peer_pid = stream
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .map(|p| p as u32);
+        let notify = {
+            let (routes, retained) = {
+                let engine = engine.borrow();
+                (engine.local_routes(), engine.retained_snapshot())
+            };
+            let mut st = state.borrow_mut();
+            let index = st.me.index;
+            let link = &mut st.links[peer as usize];
+            link.out.clear();
+            link.fds.clear();
+            link.connected = true;
+            link.peer_pid = peer_pid;
+            let now = Instant::now();
+            wire::encode(
+                &mut link.out,
+                &Frame::Hello {
+                    index,
+                    pid: std::process::id(),
+                },
+                now,
+            );
+            for route in routes {
+                wire::encode(&mut link.out, &Frame::RouteAdd(route), now);
+            }
+            wire::encode(&mut link.out, &Frame::RoutesEnd, now);
+            // Every connect carries the retained set, so a (re)joining peer has it all.
+            for msg in retained {
+                wire::encode(&mut link.out, &Frame::Retained((*msg).clone()), now);
+            }
+            wire::encode(&mut link.out, &Frame::RetainedEnd, now);
+            let notify = link.notify.clone();
+            st.progress.notify_waiters();
+            notify
+        };
+        tracing::debug!(peer, ?peer_pid, "mesh link up");
+        if let Err(e) = write_link(peer, &stream, &state, &notify).await {
+            tracing::debug!(peer, "mesh link down: {e}");
+        }
+        let mut st = state.borrow_mut();
+        let link = &mut st.links[peer as usize];
+        link.connected = false;
+        link.out.clear();
+        link.fds.clear();
+        link.peer_pid = None;
+    }
+}
+
+/// Writes whatever the outbox holds, until the link fails or is to be replaced.
+async fn write_link(
+    peer: u16,
+    stream: &UnixStream,
+    state: &Rc<RefCell<MeshState>>,
+    notify: &Notify,
+) -> std::io::Result<()> {
+    loop {
+        let (mut out, mut fds) = {
+            let mut st = state.borrow_mut();
+            let link = &mut st.links[peer as usize];
+            if !link.connected {
+                return Err(std::io::Error::other("link reset"));
+            }
+            (std::mem::take(&mut link.out), std::mem::take(&mut link.fds))
+        };
+        if out.is_empty() {
+            notify.notified().await;
+            continue;
+        }
+        let mut sent = 0usize;
+        while let Some((offset, fd)) = fds.pop_front() {
+            // Bytes before the Handoff frame, then the frame's first byte with the descriptor.
+            write_all(stream, &out[..offset - sent]).await?;
+            out.advance(offset - sent);
+            sent = offset;
+            loop {
+                stream.writable().await?;
+                match stream.try_io(Interest::WRITABLE, || {
+                    fdpass::send_with_fd(stream.as_raw_fd(), &out, &fd)
+                }) {
+                    Ok(n) => {
+                        out.advance(n);
+                        sent += n;
+                        break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            // `fd` drops here: the peer has its own copy now.
+        }
+        write_all(stream, &out).await?;
+        // Give the emptied buffer back if nothing new arrived meanwhile (keeps its capacity).
+        let mut st = state.borrow_mut();
+        let link = &mut st.links[peer as usize];
+        if link.out.is_empty() {
+            out.clear();
+            link.out = out;
+        }
+    }
+}
+
+async fn write_all(stream: &UnixStream, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn accept_links(
+    listener: UnixListener,
+    state: Rc<RefCell<MeshState>>,
+    engine: Rc<RefCell<Engine>>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::task::spawn_local(read_link(stream, state.clone(), engine.clone()));
+            }
+            Err(e) => {
+                tracing::warn!("mesh accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Reads frames from one inbound link and applies them to the engine.
+async fn read_link(stream: UnixStream, state: Rc<RefCell<MeshState>>, engine: Rc<RefCell<Engine>>) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    let mut pending_fds: VecDeque<OwnedFd> = VecDeque::new();
+    let mut peer: Option<(u16, u32)> = None;
+    loop {
+        buf.reserve(64 * 1024);
+        let read = loop {
+            if let Err(e) = stream.readable().await {
+                break Err(e);
+            }
+            let spare = buf.spare_capacity_mut();
+            // SAFETY: recvmsg only writes into the slice; the length is advanced by what it wrote.
+            let slice = unsafe {
+                std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len())
+            };
+            match stream.try_io(Interest::READABLE, || {
+                fdpass::recv_with_fds(stream.as_raw_fd(), slice, &mut fds)
+            }) {
+                Ok(n) => break Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => break Err(e),
+            }
+        };
+        let n = match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        unsafe { buf.set_len(buf.len() + n) };
+        pending_fds.extend(fds.drain(..));
+        let now = Instant::now();
+        loop {
+            let frame = match wire::decode(&mut buf, now) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(?peer, "bad mesh frame: {}", e.0);
+                    return link_closed(peer, &state, &engine);
+                }
+            };
+            apply(frame, &mut peer, &mut pending_fds, &state, &engine, now);
+        }
+    }
+    link_closed(peer, &state, &engine);
+}
+
+fn apply(
+    frame: Frame,
+    peer: &mut Option<(u16, u32)>,
+    fds: &mut VecDeque<OwnedFd>,
+    state: &Rc<RefCell<MeshState>>,
+    engine: &Rc<RefCell<Engine>>,
+    now: Instant,
+) {
+    if let Frame::Hello { index, pid } = frame {
+        if index >= state.borrow().me.count {
+            tracing::error!(index, "Hello from a worker index out of range");
+            return;
+        }
+        *peer = Some((index, pid));
+        // A new incarnation: forget what the previous one announced.
+        engine.borrow_mut().remove_worker(index);
+        let mut st = state.borrow_mut();
+        let known = &mut st.peers[index as usize];
+        known.pid = Some(pid);
+        known.routes_received = false;
+        known.retained_received = false;
+        let link = &mut st.links[index as usize];
+        if link.connected && link.peer_pid.is_some_and(|p| p != pid) {
+            // Our outbound link still points at the old incarnation: reconnect.
+            link.connected = false;
+            link.notify.notify_one();
+        }
+        return;
+    }
+    let Some((from, _)) = *peer else {
+        tracing::error!("mesh frame before Hello");
+        return;
+    };
+    match frame {
+        Frame::Hello { .. } => {}
+        Frame::RouteAdd(route) => engine.borrow_mut().remote_route(from, route, true),
+        Frame::RouteRemove(route) => engine.borrow_mut().remote_route(from, route, false),
+        Frame::RoutesEnd => {
+            let mut st = state.borrow_mut();
+            st.peers[from as usize].routes_received = true;
+            st.progress.notify_waiters();
+        }
+        Frame::Publish { plain, shared, msg } => engine
+            .borrow_mut()
+            .deliver_forwarded(msg, plain, &shared, now),
+        Frame::Retained(msg) => engine.borrow_mut().store_retained_from_peer(msg),
+        Frame::RetainedEnd => {
+            let mut st = state.borrow_mut();
+            st.peers[from as usize].retained_received = true;
+            st.progress.notify_waiters();
+        }
+        Frame::Barrier(id) => state.borrow_mut().push(from, &Frame::BarrierAck(id)),
+        Frame::BarrierAck(id) => {
+            let done = {
+                let mut st = state.borrow_mut();
+                match st.barriers.get_mut(&id) {
+                    Some(waiting) => {
+                        waiting.retain(|&p| p != from);
+                        let done = waiting.is_empty();
+                        if done {
+                            st.barriers.remove(&id);
+                        }
+                        done
+                    }
+                    None => false,
+                }
+            };
+            if done {
+                engine.borrow_mut().barrier_done(id, now);
+            }
+        }
+        Frame::Handoff(bytes) => match fds.pop_front() {
+            Some(socket) => engine.borrow_mut().adopt_socket(socket, bytes),
+            None => tracing::error!(from, "handoff frame without a descriptor"),
+        },
+        Frame::Stats(stats) => engine.borrow_mut().peer_stats(from, stats),
+    }
+}
+
+/// An inbound link closed: if it was the peer's current incarnation, the peer is gone.
+fn link_closed(
+    peer: Option<(u16, u32)>,
+    state: &Rc<RefCell<MeshState>>,
+    engine: &Rc<RefCell<Engine>>,
+) {
+    let Some((index, pid)) = peer else {
+        return;
+    };
+    let done = {
+        let mut st = state.borrow_mut();
+        if st.peers[index as usize].pid != Some(pid) {
+            return; // an older incarnation; the current one is still linked
+        }
+        st.peers[index as usize] = Peer::default();
+        st.forget_barriers_of(index)
+    };
+    let now = Instant::now();
+    let mut engine = engine.borrow_mut();
+    engine.remove_worker(index);
+    for id in done {
+        engine.barrier_done(id, now);
+    }
+}

@@ -1,0 +1,346 @@
+//! Frames between workers on the mesh: `[u32 length][u8 kind][body]`, little-endian.
+//!
+//! Messages travel as MQTT 5 PUBLISH packets (encoded by the broker's own codec, so every
+//! property survives the hop, with the expiry interval counted down). Many frames are
+//! appended to one buffer and written with one syscall.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::cluster::WorkerStats;
+use crate::engine::Message;
+use crate::protocol::{self, Packet, Publish, Version};
+use crate::router::Route;
+
+/// Largest frame accepted from a peer (a message of the largest packet size, plus headers).
+const MAX_FRAME: usize = 256 * 1024 * 1024;
+
+#[derive(Debug)]
+pub enum Frame {
+    /// First frame on a link: who is speaking.
+    Hello {
+        index: u16,
+        pid: u32,
+    },
+    RouteAdd(Route),
+    RouteRemove(Route),
+    /// The sender's routes (sent after Hello) are complete.
+    RoutesEnd,
+    Publish {
+        plain: bool,
+        shared: Vec<(Box<str>, Box<str>)>,
+        msg: Message,
+    },
+    Retained(Message),
+    /// The sender's retained messages (sent after its routes) are complete.
+    RetainedEnd,
+    Barrier(u64),
+    BarrierAck(u64),
+    /// A client connection; its socket descriptor travels with this frame.
+    Handoff(Bytes),
+    Stats(WorkerStats),
+}
+
+mod kind {
+    pub const HELLO: u8 = 1;
+    pub const ROUTE_ADD: u8 = 2;
+    pub const ROUTE_REMOVE: u8 = 3;
+    pub const ROUTES_END: u8 = 4;
+    pub const PUBLISH: u8 = 5;
+    pub const RETAINED: u8 = 6;
+    pub const RETAINED_END: u8 = 8;
+    pub const BARRIER: u8 = 9;
+    pub const BARRIER_ACK: u8 = 10;
+    pub const HANDOFF: u8 = 11;
+    pub const STATS: u8 = 12;
+}
+
+#[derive(Debug)]
+pub struct WireError(pub String);
+
+/// Appends one frame; the length is patched in once the body is written.
+fn frame(out: &mut BytesMut, kind: u8, body: impl FnOnce(&mut BytesMut)) {
+    let start = out.len();
+    out.put_u32_le(0);
+    out.put_u8(kind);
+    body(out);
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+fn put_str(out: &mut BytesMut, s: &str) {
+    out.put_u16_le(s.len() as u16);
+    out.put_slice(s.as_bytes());
+}
+
+fn put_route(out: &mut BytesMut, r: &Route) {
+    put_str(out, &r.filter);
+    match &r.group {
+        Some(g) => {
+            out.put_u8(1);
+            put_str(out, g);
+        }
+        None => out.put_u8(0),
+    }
+}
+
+fn put_message(out: &mut BytesMut, msg: &Message, now: Instant) {
+    let mut properties = msg.properties.clone();
+    if let Some(left) = msg.remaining_expiry(now) {
+        properties
+            .get_or_insert_with(Default::default)
+            .message_expiry_interval = Some(left);
+    }
+    let publish = Publish {
+        dup: false,
+        qos: msg.qos,
+        retain: msg.retain,
+        topic: msg.topic.clone(),
+        // Never read back for routing; non-zero because QoS 1/2 PUBLISHes need one.
+        pkid: 1,
+        payload: msg.payload.clone(),
+        properties,
+    };
+    protocol::write_packet(out, Version::V5, &Packet::Publish(publish));
+}
+
+/// Encodes `frame` (for the hot path, [`encode_publish`] avoids building a `Frame`).
+pub fn encode(out: &mut BytesMut, f: &Frame, now: Instant) {
+    match f {
+        Frame::Hello { index, pid } => frame(out, kind::HELLO, |o| {
+            o.put_u16_le(*index);
+            o.put_u32_le(*pid);
+        }),
+        Frame::RouteAdd(r) => frame(out, kind::ROUTE_ADD, |o| put_route(o, r)),
+        Frame::RouteRemove(r) => frame(out, kind::ROUTE_REMOVE, |o| put_route(o, r)),
+        Frame::RoutesEnd => frame(out, kind::ROUTES_END, |_| {}),
+        Frame::Publish { plain, shared, msg } => encode_publish(out, *plain, shared, msg, now),
+        Frame::Retained(msg) => frame(out, kind::RETAINED, |o| put_message(o, msg, now)),
+        Frame::RetainedEnd => frame(out, kind::RETAINED_END, |_| {}),
+        Frame::Barrier(id) => frame(out, kind::BARRIER, |o| o.put_u64_le(*id)),
+        Frame::BarrierAck(id) => frame(out, kind::BARRIER_ACK, |o| o.put_u64_le(*id)),
+        Frame::Handoff(bytes) => frame(out, kind::HANDOFF, |o| o.put_slice(bytes)),
+        Frame::Stats(s) => frame(out, kind::STATS, |o| {
+            for v in [
+                s.clients_connected,
+                s.sessions,
+                s.subscriptions,
+                s.retained,
+                s.messages_received,
+                s.messages_sent,
+                s.bytes_received,
+                s.bytes_sent,
+            ] {
+                o.put_u64_le(v);
+            }
+        }),
+    }
+}
+
+pub fn encode_publish(
+    out: &mut BytesMut,
+    plain: bool,
+    shared: &[(Box<str>, Box<str>)],
+    msg: &Message,
+    now: Instant,
+) {
+    frame(out, kind::PUBLISH, |o| {
+        o.put_u8(u8::from(plain));
+        o.put_u16_le(shared.len() as u16);
+        for (group, filter) in shared {
+            put_str(o, group);
+            put_str(o, filter);
+        }
+        put_message(o, msg, now);
+    })
+}
+
+struct Reader(Bytes);
+
+impl Reader {
+    fn need(&self, n: usize) -> Result<(), WireError> {
+        if self.0.remaining() < n {
+            return Err(WireError("truncated frame".into()));
+        }
+        Ok(())
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        self.need(1)?;
+        Ok(self.0.get_u8())
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        self.need(2)?;
+        Ok(self.0.get_u16_le())
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        self.need(4)?;
+        Ok(self.0.get_u32_le())
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        self.need(8)?;
+        Ok(self.0.get_u64_le())
+    }
+    fn str(&mut self) -> Result<Box<str>, WireError> {
+        let len = self.u16()? as usize;
+        self.need(len)?;
+        let bytes = self.0.split_to(len);
+        std::str::from_utf8(&bytes)
+            .map(Box::from)
+            .map_err(|_| WireError("bad UTF-8".into()))
+    }
+    fn route(&mut self) -> Result<Route, WireError> {
+        let filter = self.str()?;
+        let group = if self.u8()? == 1 {
+            Some(self.str()?)
+        } else {
+            None
+        };
+        Ok(Route { filter, group })
+    }
+    fn message(&mut self, now: Instant) -> Result<Message, WireError> {
+        let mut buf = BytesMut::from(&self.0[..]);
+        let packet = protocol::read_packet(&mut buf, Version::V5, u32::MAX)
+            .map_err(|e| WireError(e.to_string()))?;
+        let Some(Packet::Publish(p)) = packet else {
+            return Err(WireError("expected a PUBLISH".into()));
+        };
+        let mut properties = p.properties;
+        let expires_at = properties
+            .as_ref()
+            .and_then(|pr| pr.message_expiry_interval)
+            .map(|s| now + Duration::from_secs(s as u64));
+        if let Some(pr) = properties.as_mut() {
+            pr.topic_alias = None;
+        }
+        Ok(Message {
+            // Copied: the frame buffer is shared by everything read with it.
+            topic: Bytes::copy_from_slice(&p.topic),
+            payload: Bytes::copy_from_slice(&p.payload),
+            qos: p.qos,
+            retain: p.retain,
+            properties,
+            expires_at,
+            origin: None,
+        })
+    }
+}
+
+/// Splits the next whole frame off `buf`. `Ok(None)`: more bytes are needed.
+pub fn decode(buf: &mut BytesMut, now: Instant) -> Result<Option<Frame>, WireError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(WireError(format!("bad frame length {len}")));
+    }
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    buf.advance(4);
+    let mut r = Reader(buf.split_to(len).freeze());
+    let frame = match r.u8()? {
+        kind::HELLO => Frame::Hello {
+            index: r.u16()?,
+            pid: r.u32()?,
+        },
+        kind::ROUTE_ADD => Frame::RouteAdd(r.route()?),
+        kind::ROUTE_REMOVE => Frame::RouteRemove(r.route()?),
+        kind::ROUTES_END => Frame::RoutesEnd,
+        kind::PUBLISH => {
+            let plain = r.u8()? == 1;
+            let n = r.u16()? as usize;
+            let mut shared = Vec::with_capacity(n);
+            for _ in 0..n {
+                shared.push((r.str()?, r.str()?));
+            }
+            Frame::Publish {
+                plain,
+                shared,
+                msg: r.message(now)?,
+            }
+        }
+        kind::RETAINED => Frame::Retained(r.message(now)?),
+        kind::RETAINED_END => Frame::RetainedEnd,
+        kind::BARRIER => Frame::Barrier(r.u64()?),
+        kind::BARRIER_ACK => Frame::BarrierAck(r.u64()?),
+        kind::HANDOFF => Frame::Handoff(r.0.clone()),
+        kind::STATS => Frame::Stats(WorkerStats {
+            clients_connected: r.u64()?,
+            sessions: r.u64()?,
+            subscriptions: r.u64()?,
+            retained: r.u64()?,
+            messages_received: r.u64()?,
+            messages_sent: r.u64()?,
+            bytes_received: r.u64()?,
+            bytes_sent: r.u64()?,
+        }),
+        other => return Err(WireError(format!("unknown frame kind {other}"))),
+    };
+    Ok(Some(frame))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{PublishProperties, QoS};
+
+    #[test]
+    fn frames_round_trip() {
+        let now = Instant::now();
+        let msg = Message {
+            topic: Bytes::from_static(b"a/b"),
+            payload: Bytes::from_static(b"hello"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: Some(PublishProperties {
+                content_type: Some("text/plain".into()),
+                user_properties: vec![("k".into(), "v".into())],
+                ..Default::default()
+            }),
+            expires_at: Some(now + Duration::from_secs(30)),
+            origin: Some(3),
+        };
+        let mut out = BytesMut::new();
+        encode(&mut out, &Frame::Hello { index: 2, pid: 99 }, now);
+        let route = Route {
+            filter: "x/+".into(),
+            group: Some("g".into()),
+        };
+        encode(&mut out, &Frame::RouteAdd(route.clone()), now);
+        encode_publish(&mut out, true, &[("g".into(), "a/+".into())], &msg, now);
+        encode(&mut out, &Frame::Barrier(7), now);
+        // Byte by byte: nothing decodes until a frame is whole.
+        let mut buf = BytesMut::new();
+        let mut frames = Vec::new();
+        for b in out.iter() {
+            buf.put_u8(*b);
+            while let Some(f) = decode(&mut buf, now).unwrap() {
+                frames.push(f);
+            }
+        }
+        assert!(matches!(frames[0], Frame::Hello { index: 2, pid: 99 }));
+        assert!(matches!(&frames[1], Frame::RouteAdd(r) if *r == route));
+        match &frames[2] {
+            Frame::Publish {
+                plain,
+                shared,
+                msg: m,
+            } => {
+                assert!(*plain);
+                assert_eq!(shared.len(), 1);
+                assert_eq!(
+                    (&m.topic, &m.payload, m.qos, m.retain),
+                    (&msg.topic, &msg.payload, msg.qos, true)
+                );
+                let p = m.properties.as_ref().unwrap();
+                assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+                assert_eq!(p.message_expiry_interval, Some(30));
+                assert_eq!(m.origin, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(frames[3], Frame::Barrier(7)));
+    }
+}

@@ -1,0 +1,134 @@
+//! One worker process as the supervisor sees it: how it is started (re-exec of this very
+//! binary in worker mode) and a task that watches its stdout for the ready line and
+//! reports its exit.
+//!
+//! Re-exec rather than fork: the supervisor runs a tokio runtime, and forking a process
+//! with a runtime (threads, epoll, signal pipes) is unsound; a fresh exec also lets a
+//! rolling restart (SIGHUP) pick up a new binary installed at the same path.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Instant;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+use crate::worker_main::READY_LINE;
+
+/// How to start a worker: the program and the arguments every worker gets; the slot's
+/// `--worker-index` is added per launch.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// Resolved once at startup, so a binary replaced on disk is what restarts run.
+    pub exe: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+/// What a worker's watcher task reports, tagged with the launch id.
+#[derive(Debug)]
+pub enum Event {
+    Ready,
+    Exited(io::Result<ExitStatus>),
+}
+
+/// A running worker process (until its `Event::Exited` arrives).
+#[derive(Debug)]
+pub struct Child {
+    pub index: u16,
+    pub pid: u32,
+    pub started: Instant,
+    signals: mpsc::UnboundedSender<libc::c_int>,
+}
+
+impl Child {
+    /// Starts worker `index` and a task that sends `(id, Event)` to `events`: `Ready` when
+    /// the worker prints [`READY_LINE`], then exactly one `Exited`.
+    pub fn spawn(
+        launch: &Launch,
+        index: u16,
+        id: u64,
+        events: mpsc::UnboundedSender<(u64, Event)>,
+    ) -> io::Result<Child> {
+        let mut cmd = Command::new(&launch.exe);
+        cmd.args(&launch.args)
+            .arg("--worker-index")
+            .arg(index.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let supervisor = std::process::id();
+        // SAFETY: runs in the forked child before exec; prctl and getppid are
+        // async-signal-safe and nothing here allocates.
+        unsafe {
+            cmd.pre_exec(move || {
+                // The kernel sends the worker SIGTERM (a graceful drain) when the supervisor
+                // dies, even by SIGKILL, so no worker outlives it holding the port. The
+                // signal fires when the *thread* that forked exits: workers are only ever
+                // spawned from the supervisor's main thread, which lives as long as it does.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The supervisor may have died between fork and prctl.
+                if libc::getppid() as u32 != supervisor {
+                    return Err(io::Error::other("supervisor exited during spawn"));
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        let pid = child.id().expect("a just-spawned child has a pid");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (signals, mut signal_rx) = mpsc::unbounded_channel::<libc::c_int>();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut stdout_open = true;
+            let status = loop {
+                tokio::select! {
+                    biased;
+                    line = lines.next_line(), if stdout_open => match line {
+                        Ok(Some(line)) if line.trim_end() == READY_LINE => {
+                            let _ = events.send((id, Event::Ready));
+                        }
+                        Ok(Some(line)) => tracing::info!(index, pid, "worker stdout: {line}"),
+                        Ok(None) | Err(_) => stdout_open = false,
+                    },
+                    Some(sig) = signal_rx.recv() => {
+                        // The pid cannot have been reused: only this task reaps the child,
+                        // and it has not (the wait branch below has not completed).
+                        // SAFETY: kill(2) with a pid we own and a valid signal number.
+                        unsafe { libc::kill(pid as libc::pid_t, sig) };
+                    }
+                    status = child.wait() => break status,
+                }
+            };
+            let _ = events.send((id, Event::Exited(status)));
+        });
+        Ok(Child {
+            index,
+            pid,
+            started: Instant::now(),
+            signals,
+        })
+    }
+
+    /// Sends `sig` to the process unless it has already exited.
+    pub fn signal(&self, sig: libc::c_int) {
+        let _ = self.signals.send(sig);
+    }
+}
+
+/// "exit status 3" / "killed by signal 9", for log lines.
+pub fn describe(status: &io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exit status {code}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => s.to_string(),
+        },
+        Err(e) => format!("wait failed: {e}"),
+    }
+}

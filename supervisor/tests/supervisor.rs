@@ -1,0 +1,287 @@
+//! The supervisor as a process tree: worker processes start, are replaced when killed,
+//! drain on SIGTERM, are replaced one by one on SIGHUP, and die with the supervisor.
+//! Worker PIDs are read from /proc (children of the supervisor); every wait has a deadline.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::ErrorKind;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::raw::{body, client_id, connect, hex, split_packets, End, Raw, V};
+use common::Broker;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Live (non-zombie) child processes of `parent`.
+fn children(parent: u32) -> BTreeSet<u32> {
+    let mut pids = BTreeSet::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Some((state, ppid)) = stat(pid) {
+            if ppid == parent && state != 'Z' {
+                pids.insert(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// (state, parent pid) from /proc/PID/stat; None if the process is gone.
+fn stat(pid: u32) -> Option<(char, u32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S ppid ...": comm may hold spaces, so split after its closing paren.
+    let rest = &text[text.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+fn alive(pid: u32) -> bool {
+    stat(pid).is_some_and(|(state, _)| state != 'Z')
+}
+
+fn cmdline(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    raw.split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+fn flag(pid: u32, name: &str) -> Option<String> {
+    let args = cmdline(pid);
+    let at = args.iter().rposition(|a| a == name)?;
+    args.get(at + 1).cloned()
+}
+
+/// Polls `probe` until it returns Some, panicking with `what` after [`DEADLINE`].
+fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn workers(broker: &Broker, n: usize) -> BTreeSet<u32> {
+    wait_for(&format!("{n} worker processes"), || {
+        let pids = children(broker.pid());
+        (pids.len() == n).then_some(pids)
+    })
+}
+
+/// A full MQTT handshake (v3.1.1 CONNECT -> CONNACK accepted).
+fn handshake(broker: &Broker) {
+    let (_raw, _connack) = Raw::connect(broker.addr, V::V3, &client_id("sup"));
+}
+
+#[test]
+fn starts_the_requested_workers_and_accepts() {
+    let broker = Broker::start_workers(3, &[]);
+    let pids = workers(&broker, 3);
+    let mut indexes: Vec<String> = pids
+        .iter()
+        .map(|&pid| flag(pid, "--worker-index").expect("--worker-index"))
+        .collect();
+    indexes.sort();
+    assert_eq!(indexes, ["0", "1", "2"]);
+    for &pid in &pids {
+        assert_eq!(flag(pid, "--worker-count").as_deref(), Some("3"));
+        // The concrete port, not the 0 the user asked for.
+        assert_eq!(flag(pid, "--bind"), Some(broker.addr.to_string()));
+    }
+    for _ in 0..10 {
+        handshake(&broker);
+    }
+}
+
+#[test]
+fn a_killed_worker_is_replaced() {
+    let mut broker = Broker::start_workers(3, &[]);
+    let before = workers(&broker, 3);
+    let victim = *before.iter().next().unwrap();
+    let index = flag(victim, "--worker-index");
+    kill_pid(victim, "KILL");
+    let after = wait_for("a replacement worker", || {
+        let now = children(broker.pid());
+        (now.len() == 3 && !now.contains(&victim)).then_some(now)
+    });
+    let new: Vec<u32> = after.difference(&before).copied().collect();
+    assert_eq!(new.len(), 1, "before {before:?} after {after:?}");
+    assert_eq!(flag(new[0], "--worker-index"), index, "same slot");
+    for _ in 0..10 {
+        handshake(&broker);
+    }
+    broker.assert_alive();
+}
+
+#[test]
+fn sigterm_drains_v5_clients_and_the_tree_exits() {
+    let mut broker = Broker::start_workers(2, &[]);
+    let pids = workers(&broker, 2);
+    // Several clients, so (with SO_REUSEPORT spreading them) both workers have some.
+    let mut clients: Vec<Raw> = (0..6)
+        .map(|_| Raw::connect(broker.addr, V::V5, &client_id("drain")).0)
+        .collect();
+    let status = broker.terminate();
+    assert!(status.success(), "supervisor exit status {status}");
+    for raw in &mut clients {
+        let (bytes, end) = raw.read_until_close();
+        let (packets, _) = split_packets(&bytes);
+        let disconnect = packets
+            .iter()
+            .find(|p| p[0] == 0xE0)
+            .unwrap_or_else(|| panic!("no DISCONNECT, got {} then {end:?}", hex(&bytes)));
+        assert_eq!(body(disconnect).first(), Some(&0x8B), "{}", hex(disconnect));
+        assert!(matches!(end, End::Eof | End::Reset), "{end:?}");
+    }
+    wait_for("every worker to exit", || {
+        pids.iter().all(|&p| !alive(p)).then_some(())
+    });
+}
+
+/// What one connection attempt of the rolling-restart prober saw.
+#[derive(Debug, Default, Clone, Copy)]
+struct Probe {
+    /// CONNECT answered by CONNACK.
+    handshakes: u32,
+    /// connect(2) failed with ECONNREFUSED: nobody was listening.
+    refused: u32,
+    /// connect(2) failed with ECONNRESET: the SYN was queued on a listener that closed.
+    reset_in_queue: u32,
+    /// Accepted, then closed before CONNACK by a worker that started draining.
+    closed_by_drain: u32,
+}
+
+/// Connects in a loop (TCP, then a v3.1.1 CONNECT) until `stop`; counts outcomes.
+fn probe_loop(addr: std::net::SocketAddr, stop: &AtomicBool, handshakes: &AtomicU32) -> Probe {
+    let mut seen = Probe::default();
+    while !stop.load(Ordering::Relaxed) && seen.handshakes < 1_000_000 {
+        let stream = match std::net::TcpStream::connect(addr) {
+            Ok(stream) => stream,
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                seen.refused += 1;
+                continue;
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                seen.reset_in_queue += 1;
+                continue;
+            }
+            Err(e) => panic!("connect: {e}"),
+        };
+        let mut raw = Raw::from_stream(stream, V::V3);
+        let answer = raw
+            .try_send(&connect(V::V3, &client_id("hup")))
+            .and_then(|()| raw.read_packet());
+        match answer {
+            Ok(Some(p)) if p == [0x20, 0x02, 0x00, 0x00] => {
+                seen.handshakes += 1;
+                handshakes.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Some(p)) => panic!("unexpected answer {}", hex(&p)),
+            Ok(None) | Err(_) => seen.closed_by_drain += 1,
+        }
+    }
+    seen
+}
+
+/// `net.ipv4.tcp_migrate_req`: on close, a listener's queued connections move to another
+/// listener of its SO_REUSEPORT group instead of being reset (Linux 5.14+).
+fn migrate_req() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").is_ok_and(|v| v.trim() == "1")
+}
+
+#[test]
+fn sighup_replaces_every_worker_and_the_port_keeps_accepting() {
+    let mut broker = Broker::start_workers(2, &[]);
+    let before = workers(&broker, 2);
+    let addr = broker.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let handshakes = Arc::new(AtomicU32::new(0));
+    let prober = {
+        let (stop, handshakes) = (stop.clone(), handshakes.clone());
+        std::thread::spawn(move || probe_loop(addr, &stop, &handshakes))
+    };
+    // The loop is running before the restart begins.
+    wait_for("the connect loop to start", || {
+        (handshakes.load(Ordering::Relaxed) >= 20).then_some(())
+    });
+    broker.signal("HUP");
+    let after = wait_for("every worker to be replaced", || {
+        let now = children(broker.pid());
+        (now.len() == 2 && now.is_disjoint(&before)).then_some(now)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let seen = prober.join().expect("prober");
+    eprintln!("rolling restart: {seen:?}");
+    // A replacement is bound before its predecessor drains: something always listens.
+    assert_eq!(seen.refused, 0, "connections refused: {seen:?}");
+    assert!(seen.handshakes > 20, "{seen:?}");
+    // Without tcp_migrate_req the kernel resets the SYNs queued on a closing listener
+    // (a narrow window, the old worker's close); with it, none may be lost.
+    if migrate_req() {
+        assert_eq!(seen.reset_in_queue, 0, "queued connections reset: {seen:?}");
+    }
+    let mut indexes: Vec<String> = after
+        .iter()
+        .map(|&p| flag(p, "--worker-index").unwrap())
+        .collect();
+    indexes.sort();
+    assert_eq!(indexes, ["0", "1"]);
+    handshake(&broker);
+    broker.assert_alive();
+}
+
+#[test]
+fn the_mesh_dir_is_private_and_removed_at_exit() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut broker = Broker::start_workers(2, &[]);
+    let pids = workers(&broker, 2);
+    let dir = PathBuf::from(flag(*pids.iter().next().unwrap(), "--mesh-dir").unwrap());
+    assert_eq!(
+        dir,
+        std::env::temp_dir().join(format!("mqttd-{}", broker.pid()))
+    );
+    let mode = std::fs::metadata(&dir)
+        .expect("mesh dir exists")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+    assert!(broker.terminate().success());
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+#[test]
+fn workers_die_with_a_killed_supervisor() {
+    let mut broker = Broker::start_workers(2, &[]);
+    let pids = workers(&broker, 2);
+    broker.signal("KILL");
+    broker.wait_exit();
+    wait_for("orphaned workers to exit", || {
+        pids.iter().all(|&p| !alive(p)).then_some(())
+    });
+    // The port is free again: nothing of the broker is left holding it.
+    wait_for("the port to be released", || {
+        std::net::TcpStream::connect(broker.addr)
+            .is_err()
+            .then_some(())
+    });
+}
+
+fn kill_pid(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
