@@ -9,6 +9,10 @@
 //! A slot holds up to three processes: `active` (serving), `incoming` (a rolling-restart
 //! replacement not yet ready) and `outgoing` (the replaced one, draining). Only the exit
 //! of an `active` or `incoming` process counts as a death to restart.
+//!
+//! A worker that exits before every worker was ready once aborts the start (exit 1): a
+//! bad config or an unusable port would otherwise be retried forever behind a supervisor
+//! that looks alive.
 
 use std::collections::HashMap;
 use std::time::Duration;
