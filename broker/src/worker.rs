@@ -19,9 +19,13 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::transport::tcp::TcpReactor;
 
+/// How long a draining worker may spend handing its sessions to its successor.
+const HANDOVER_DEADLINE: Duration = Duration::from_secs(5);
+
 pub struct Worker {
     tcp: std::net::TcpListener,
     engine: Rc<RefCell<Engine>>,
+    identity: Option<WorkerIdentity>,
 }
 
 impl Worker {
@@ -31,7 +35,7 @@ impl Worker {
         let tcp = bind_tcp(config.listener.tcp, config.listener.backlog)
             .with_context(|| format!("binding {}", config.listener.tcp))?;
         let config = Rc::new(config);
-        let engine = match identity {
+        let engine = match identity.clone() {
             None => Rc::new(RefCell::new(Engine::new(
                 config,
                 Box::new(Standalone),
@@ -45,7 +49,11 @@ impl Worker {
                     .context("joining the worker mesh")?
             }
         };
-        Ok(Worker { tcp, engine })
+        Ok(Worker {
+            tcp,
+            engine,
+            identity,
+        })
     }
 
     /// The bound listeners as (kind, address), with real ports when port 0 was asked for.
@@ -62,6 +70,15 @@ impl Worker {
         let reactor = TcpReactor::new(self.tcp, self.engine.clone())?;
         let result = reactor.run(shutdown).await;
         ticker.abort();
+        if let Some(me) = &self.identity {
+            let handover = mesh::hand_over_sessions(me, &self.engine);
+            if tokio::time::timeout(HANDOVER_DEADLINE, handover)
+                .await
+                .is_err()
+            {
+                tracing::warn!("session handover to the successor timed out");
+            }
+        }
         result.context("TCP listener")
     }
 }

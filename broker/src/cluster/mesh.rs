@@ -442,6 +442,11 @@ fn apply(
     now: Instant,
 ) {
     if let Frame::Hello { index, pid } = frame {
+        if index == state.borrow().me.index {
+            // Our predecessor (rolling restart), about to hand over its sessions.
+            *peer = Some((index, pid));
+            return;
+        }
         if index >= state.borrow().me.count {
             tracing::error!(index, "Hello from a worker index out of range");
             return;
@@ -509,6 +514,7 @@ fn apply(
             None => tracing::error!(from, "handoff frame without a descriptor"),
         },
         Frame::Stats(stats) => engine.borrow_mut().peer_stats(from, stats),
+        Frame::Session(image) => engine.borrow_mut().import_session(*image, now),
     }
 }
 
@@ -534,5 +540,47 @@ fn link_closed(
     engine.remove_worker(index);
     for id in done {
         engine.barrier_done(id, now);
+    }
+}
+
+/// After a drain: sends this worker's persistent sessions to its successor, the process now
+/// listening on this worker's socket (a rolling restart). Without a successor (the whole
+/// broker is stopping) there is nowhere to send them: the embedded backend keeps no state
+/// outside the workers.
+pub async fn hand_over_sessions(me: &WorkerIdentity, engine: &Rc<RefCell<Engine>>) {
+    let path = socket_path(&me.mesh_dir, me.index);
+    let Ok(stream) = UnixStream::connect(&path).await else {
+        return;
+    };
+    let successor = stream
+        .peer_cred()
+        .ok()
+        .and_then(|c| c.pid())
+        .map(|p| p as u32);
+    if successor.is_none_or(|pid| pid == std::process::id()) {
+        return;
+    }
+    let images = engine.borrow_mut().export_sessions(Instant::now());
+    let count = images.len();
+    let now = Instant::now();
+    let mut out = BytesMut::new();
+    wire::encode(
+        &mut out,
+        &Frame::Hello {
+            index: me.index,
+            pid: std::process::id(),
+        },
+        now,
+    );
+    for image in images {
+        wire::encode(&mut out, &Frame::Session(Box::new(image)), now);
+    }
+    match write_all(&stream, &out).await {
+        Ok(()) => tracing::info!(
+            sessions = count,
+            ?successor,
+            "sessions handed to the successor"
+        ),
+        Err(e) => tracing::warn!(sessions = count, "handing sessions over failed: {e}"),
     }
 }

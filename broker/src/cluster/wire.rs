@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::cluster::WorkerStats;
-use crate::engine::Message;
+use crate::engine::{Delivery, Message, SessionImage};
 use crate::protocol::{self, Packet, Publish, Version};
 use crate::router::Route;
+use topic_trie::SubscriptionOptions;
 
 /// Largest frame accepted from a peer (a message of the largest packet size, plus headers).
 const MAX_FRAME: usize = 256 * 1024 * 1024;
@@ -40,6 +41,8 @@ pub enum Frame {
     /// A client connection; its socket descriptor travels with this frame.
     Handoff(Bytes),
     Stats(WorkerStats),
+    /// A persistent session moving from a draining worker to its successor.
+    Session(Box<SessionImage>),
 }
 
 mod kind {
@@ -54,6 +57,7 @@ mod kind {
     pub const BARRIER_ACK: u8 = 10;
     pub const HANDOFF: u8 = 11;
     pub const STATS: u8 = 12;
+    pub const SESSION: u8 = 13;
 }
 
 #[derive(Debug)]
@@ -121,6 +125,7 @@ pub fn encode(out: &mut BytesMut, f: &Frame, now: Instant) {
         Frame::Barrier(id) => frame(out, kind::BARRIER, |o| o.put_u64_le(*id)),
         Frame::BarrierAck(id) => frame(out, kind::BARRIER_ACK, |o| o.put_u64_le(*id)),
         Frame::Handoff(bytes) => frame(out, kind::HANDOFF, |o| o.put_slice(bytes)),
+        Frame::Session(image) => frame(out, kind::SESSION, |o| put_session(o, image, now)),
         Frame::Stats(s) => frame(out, kind::STATS, |o| {
             for v in [
                 s.clients_connected,
@@ -135,6 +140,56 @@ pub fn encode(out: &mut BytesMut, f: &Frame, now: Instant) {
                 o.put_u64_le(v);
             }
         }),
+    }
+}
+
+fn put_delivery(out: &mut BytesMut, d: &Delivery) {
+    out.put_u8(d.qos);
+    out.put_u8(u8::from(d.retain));
+    out.put_u16_le(d.subscription_ids.len() as u16);
+    for id in &d.subscription_ids {
+        out.put_u32_le(*id);
+    }
+}
+
+/// A message with its length in front (several follow each other in a session frame).
+fn put_sized_message(out: &mut BytesMut, msg: &Message, now: Instant) {
+    let start = out.len();
+    out.put_u32_le(0);
+    put_message(out, msg, now);
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+fn put_session(out: &mut BytesMut, s: &SessionImage, now: Instant) {
+    put_str(out, &s.client_id);
+    out.put_u32_le(s.expiry_secs);
+    out.put_u8(u8::from(s.expires_in.is_some()));
+    out.put_u32_le(s.expires_in.unwrap_or(0));
+    out.put_u32_le(s.subscriptions.len() as u32);
+    for (filter, o) in &s.subscriptions {
+        put_str(out, filter);
+        out.put_u8(o.qos);
+        out.put_u8(u8::from(o.no_local) | (u8::from(o.retain_as_published) << 1));
+        out.put_u8(o.retain_handling);
+        out.put_u8(u8::from(o.subscription_id.is_some()));
+        out.put_u32_le(o.subscription_id.unwrap_or(0));
+    }
+    out.put_u32_le(s.queue.len() as u32);
+    for (msg, d) in &s.queue {
+        put_delivery(out, d);
+        put_sized_message(out, msg, now);
+    }
+    out.put_u32_le(s.inflight.len() as u32);
+    for (pkid, comp, msg, d) in &s.inflight {
+        out.put_u16_le(*pkid);
+        out.put_u8(u8::from(*comp));
+        put_delivery(out, d);
+        put_sized_message(out, msg, now);
+    }
+    out.put_u32_le(s.incoming_qos2.len() as u32);
+    for id in &s.incoming_qos2 {
+        out.put_u16_le(*id);
     }
 }
 
@@ -198,6 +253,76 @@ impl Reader {
         };
         Ok(Route { filter, group })
     }
+    fn delivery(&mut self) -> Result<Delivery, WireError> {
+        let qos = self.u8()?;
+        let retain = self.u8()? == 1;
+        let n = self.u16()? as usize;
+        let mut subscription_ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            subscription_ids.push(self.u32()?);
+        }
+        Ok(Delivery {
+            qos,
+            retain,
+            subscription_ids,
+        })
+    }
+
+    fn sized_message(&mut self, now: Instant) -> Result<Message, WireError> {
+        let len = self.u32()? as usize;
+        self.need(len)?;
+        Reader(self.0.split_to(len)).message(now)
+    }
+
+    fn session(&mut self, now: Instant) -> Result<SessionImage, WireError> {
+        let client_id = self.str()?.into_string();
+        let expiry_secs = self.u32()?;
+        let has_expiry = self.u8()? == 1;
+        let expires_in = Some(self.u32()?).filter(|_| has_expiry);
+        let mut subscriptions = Vec::new();
+        for _ in 0..self.u32()? {
+            let filter = self.str()?.into_string();
+            let qos = self.u8()?;
+            let flags = self.u8()?;
+            let retain_handling = self.u8()?;
+            let has_id = self.u8()? == 1;
+            let id = self.u32()?;
+            let opts = SubscriptionOptions {
+                qos,
+                no_local: flags & 1 != 0,
+                retain_as_published: flags & 2 != 0,
+                retain_handling,
+                subscription_id: Some(id).filter(|_| has_id),
+            };
+            subscriptions.push((filter, opts));
+        }
+        let mut queue = Vec::new();
+        for _ in 0..self.u32()? {
+            let d = self.delivery()?;
+            queue.push((self.sized_message(now)?, d));
+        }
+        let mut inflight = Vec::new();
+        for _ in 0..self.u32()? {
+            let pkid = self.u16()?;
+            let comp = self.u8()? == 1;
+            let d = self.delivery()?;
+            inflight.push((pkid, comp, self.sized_message(now)?, d));
+        }
+        let mut incoming_qos2 = Vec::new();
+        for _ in 0..self.u32()? {
+            incoming_qos2.push(self.u16()?);
+        }
+        Ok(SessionImage {
+            client_id,
+            expiry_secs,
+            expires_in,
+            subscriptions,
+            queue,
+            inflight,
+            incoming_qos2,
+        })
+    }
+
     fn message(&mut self, now: Instant) -> Result<Message, WireError> {
         let mut buf = BytesMut::from(&self.0[..]);
         let packet = protocol::read_packet(&mut buf, Version::V5, u32::MAX)
@@ -266,6 +391,7 @@ pub fn decode(buf: &mut BytesMut, now: Instant) -> Result<Option<Frame>, WireErr
         kind::BARRIER => Frame::Barrier(r.u64()?),
         kind::BARRIER_ACK => Frame::BarrierAck(r.u64()?),
         kind::HANDOFF => Frame::Handoff(r.0.clone()),
+        kind::SESSION => Frame::Session(Box::new(r.session(now)?)),
         kind::STATS => Frame::Stats(WorkerStats {
             clients_connected: r.u64()?,
             sessions: r.u64()?,

@@ -12,6 +12,7 @@
 mod cluster_io;
 mod conn;
 mod connect;
+mod handover;
 mod message;
 mod publish;
 mod session;
@@ -27,6 +28,7 @@ use bytes::BytesMut;
 use slab::Slab;
 
 pub use conn::{Conn, ConnState, DirtyList};
+pub use handover::SessionImage;
 pub use message::{Delivery, Message};
 pub use session::Session;
 pub use stats::Stats;

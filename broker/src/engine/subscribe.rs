@@ -228,6 +228,36 @@ impl Engine {
         }));
     }
 
+    /// Re-creates a subscription of an imported session (options already negotiated).
+    pub(super) fn restore_subscription(
+        &mut self,
+        skey: usize,
+        filter: &str,
+        opts: topic_trie::SubscriptionOptions,
+    ) {
+        let route = match topic_trie::parse_subscription_filter(filter) {
+            Ok(SubscriptionFilter::Plain(f)) => {
+                self.subscriptions.insert(f, skey, opts);
+                Route {
+                    filter: f.into(),
+                    group: None,
+                }
+            }
+            Ok(SubscriptionFilter::Shared { group, filter: f }) => {
+                self.shared.insert(group, f, skey, opts);
+                Route {
+                    filter: f.into(),
+                    group: Some(group.into()),
+                }
+            }
+            Err(_) => return,
+        };
+        self.sessions[skey]
+            .subscriptions
+            .insert(filter.into(), opts);
+        self.add_route(route);
+    }
+
     /// Removes one of a session's filters (as the client sent it) from the index.
     pub(super) fn remove_subscription(&mut self, skey: usize, filter: &str) {
         let route = match topic_trie::parse_subscription_filter(filter) {
