@@ -137,6 +137,9 @@ impl Cluster for EmbeddedCluster {
         let link = &mut state.links[to as usize];
         if !link.connected || link.out.len() > MAX_OUTBOX {
             state.dropped_forwards += 1;
+            if state.dropped_forwards.is_power_of_two() {
+                tracing::warn!(to, dropped = state.dropped_forwards, "peer not keeping up: forwards dropped");
+            }
             return;
         }
         wire::encode_publish(&mut link.out, plain, shared, msg, Instant::now());

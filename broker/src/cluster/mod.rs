@@ -74,6 +74,8 @@ pub struct WorkerStats {
     pub messages_sent: u64,
     pub bytes_received: u64,
     pub bytes_sent: u64,
+    /// Messages this worker sent on to other workers (one per destination worker).
+    pub forwarded: u64,
 }
 
 /// The backend of a broker with a single worker: there is no one else.

@@ -136,6 +136,7 @@ pub fn encode(out: &mut BytesMut, f: &Frame, now: Instant) {
                 s.messages_sent,
                 s.bytes_received,
                 s.bytes_sent,
+                s.forwarded,
             ] {
                 o.put_u64_le(v);
             }
@@ -401,6 +402,7 @@ pub fn decode(buf: &mut BytesMut, now: Instant) -> Result<Option<Frame>, WireErr
             messages_sent: r.u64()?,
             bytes_received: r.u64()?,
             bytes_sent: r.u64()?,
+            forwarded: r.u64()?,
         }),
         other => return Err(WireError(format!("unknown frame kind {other}"))),
     };

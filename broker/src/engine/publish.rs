@@ -327,6 +327,9 @@ impl Engine {
         }
         if session.queue.len() >= self.config.limits.max_queued_messages {
             self.stats.dropped_queue_full += 1;
+            if self.stats.dropped_queue_full.is_power_of_two() {
+                tracing::warn!(client_id = %session.client_id, dropped = self.stats.dropped_queue_full, "session queue full: messages dropped");
+            }
             return;
         }
         session.queue.push_back(Queued {

@@ -29,6 +29,7 @@ impl Engine {
             messages_sent: self.stats.messages_sent,
             bytes_received: self.stats.bytes_received,
             bytes_sent: self.stats.bytes_sent,
+            forwarded: self.stats.forwarded,
         }
     }
 
@@ -58,6 +59,7 @@ impl Engine {
             total.messages_sent += s.messages_sent;
             total.bytes_received += s.bytes_received;
             total.bytes_sent += s.bytes_sent;
+            total.forwarded += s.forwarded;
             topics.push((
                 format!("$SYS/broker/workers/{i}/clients/connected"),
                 s.clients_connected.to_string(),
@@ -108,6 +110,15 @@ impl Engine {
             (
                 "$SYS/broker/workers/count".to_string(),
                 self.workers.to_string(),
+            ),
+            (
+                "$SYS/broker/messages/forwarded".to_string(),
+                total.forwarded.to_string(),
+            ),
+            // Routes known to worker 0: its own and every live peer's (a dead peer's go).
+            (
+                "$SYS/broker/routes/count".to_string(),
+                self.routes.len().to_string(),
             ),
         ]);
         for (topic, value) in topics {
