@@ -30,13 +30,19 @@ pub struct WorkerIdentity {
 }
 
 /// The worker that owns `client_id`: its sessions live there, and a connection accepted
-/// elsewhere is handed to it. A fixed hash (FNV-1a), so every worker computes the same.
+/// elsewhere is handed to it. A fixed hash (FNV-1a, then mixed), so every worker computes
+/// the same.
 pub fn home_worker(client_id: &str, workers: u16) -> u16 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in client_id.as_bytes() {
         hash ^= u64::from(*byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
+    // FNV-1a's low bits depend on few input bits (the lowest is the parity of the bytes'
+    // low bits), so mix before taking the remainder (murmur3's 64-bit finalizer).
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
     (hash % u64::from(workers.max(1))) as u16
 }
 
@@ -116,5 +122,10 @@ mod tests {
             counts[home_worker(&format!("client-{i}"), 4) as usize] += 1;
         }
         assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+        // Ids that differ in one character must not always land apart (FNV-1a's low bit).
+        let apart = (0..1000)
+            .filter(|i| home_worker(&format!("x-s{i}"), 2) != home_worker(&format!("x-p{i}"), 2))
+            .count();
+        assert!((300..700).contains(&apart), "{apart}");
     }
 }

@@ -130,6 +130,17 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         let crashed = self.child.try_wait().ok().flatten();
+        if crashed.is_none() {
+            // SIGTERM first, so the supervisor drains its workers and removes its mesh dir;
+            // SIGKILL (below) only if that takes too long.
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         if let Some(status) = crashed {
