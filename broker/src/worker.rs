@@ -31,9 +31,20 @@ pub struct Worker {
 impl Worker {
     /// Binds the listeners. Must be called inside the worker's `LocalSet`. `identity` is
     /// `None` for a broker of one worker, or this worker's place among its peers.
-    pub async fn bind(config: Config, identity: Option<WorkerIdentity>) -> anyhow::Result<Worker> {
-        let tcp = bind_tcp(config.listener.tcp, config.listener.backlog)
-            .with_context(|| format!("binding {}", config.listener.tcp))?;
+    ///
+    /// `inherited` is a listening socket the supervisor owns for this worker's slot: it
+    /// outlives this process, so connections queued on it during a restart wait for the
+    /// successor instead of being reset. Without it, the worker binds its own.
+    pub async fn bind(
+        config: Config,
+        identity: Option<WorkerIdentity>,
+        inherited: Option<std::net::TcpListener>,
+    ) -> anyhow::Result<Worker> {
+        let tcp = match inherited {
+            Some(listener) => listener,
+            None => bind_tcp(config.listener.tcp, config.listener.backlog)
+                .with_context(|| format!("binding {}", config.listener.tcp))?,
+        };
         let config = Rc::new(config);
         let engine = match identity.clone() {
             None => Rc::new(RefCell::new(Engine::new(
@@ -95,7 +106,7 @@ async fn run_timers(engine: Rc<RefCell<Engine>>) {
 
 /// A listening TCP socket with SO_REUSEPORT, so every worker process binds the same port
 /// and the kernel spreads incoming connections across them.
-fn bind_tcp(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpListener> {
+pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;

@@ -8,6 +8,7 @@
 
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::RawFd;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -18,6 +19,9 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 
 use crate::worker_main::READY_LINE;
+
+/// The descriptor number a worker finds its slot's listening socket at.
+const INHERITED_LISTENER_FD: RawFd = 3;
 
 /// How to start a worker: the program and the arguments every worker gets; the slot's
 /// `--worker-index` is added per launch.
@@ -50,11 +54,14 @@ impl Child {
     pub fn spawn(
         launch: &Launch,
         index: u16,
+        listener: RawFd,
         id: u64,
         events: mpsc::UnboundedSender<(u64, Event)>,
     ) -> io::Result<Child> {
         let mut cmd = Command::new(&launch.exe);
         cmd.args(&launch.args)
+            .arg("--listen-fd")
+            .arg(INHERITED_LISTENER_FD.to_string())
             .arg("--worker-index")
             .arg(index.to_string())
             .stdin(Stdio::null())
@@ -75,6 +82,18 @@ impl Child {
                 // The supervisor may have died between fork and prctl.
                 if libc::getppid() as u32 != supervisor {
                     return Err(io::Error::other("supervisor exited during spawn"));
+                }
+                // The slot's listening socket, at a fixed number and inheritable. dup2
+                // clears close-on-exec, except when the numbers are equal: then clear it.
+                if listener == INHERITED_LISTENER_FD {
+                    let flags = libc::fcntl(listener, libc::F_GETFD);
+                    if flags < 0
+                        || libc::fcntl(listener, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else if libc::dup2(listener, INHERITED_LISTENER_FD) < 0 {
+                    return Err(io::Error::last_os_error());
                 }
                 Ok(())
             });

@@ -57,6 +57,9 @@ struct Cli {
     worker_count: Option<u16>,
     #[arg(long, hide = true, requires = "worker_index")]
     mesh_dir: Option<PathBuf>,
+    /// Worker mode: the listening TCP socket inherited from the supervisor, by fd number.
+    #[arg(long, hide = true, requires = "worker_index")]
+    listen_fd: Option<i32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -88,7 +91,7 @@ fn main() -> anyhow::Result<()> {
                 count,
                 mesh_dir,
             };
-            worker_main::run(config, identity)
+            worker_main::run(config, identity, cli.listen_fd)
         }
         _ => supervisor::run(config, std::env::args_os().skip(1).collect()),
     }

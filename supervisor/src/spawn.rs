@@ -15,6 +15,7 @@
 //! that looks alive.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -30,6 +31,9 @@ const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 struct Slot {
+    /// The slot's listening socket: owned here so it outlives every worker that serves it
+    /// (connections queued during a restart wait for the next process, none is reset).
+    listener: std::net::TcpListener,
     active: Option<u64>,
     incoming: Option<u64>,
     outgoing: Option<u64>,
@@ -67,10 +71,17 @@ pub struct WorkerSet {
 }
 
 impl WorkerSet {
-    pub fn new(launch: Launch, count: u16, drain_timeout: Duration) -> WorkerSet {
+    /// `listeners`: one listening socket per worker slot.
+    pub fn new(
+        launch: Launch,
+        listeners: Vec<std::net::TcpListener>,
+        drain_timeout: Duration,
+    ) -> WorkerSet {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let slots = (0..count)
-            .map(|_| Slot {
+        let slots = listeners
+            .into_iter()
+            .map(|listener| Slot {
+                listener,
                 active: None,
                 incoming: None,
                 outgoing: None,
@@ -151,7 +162,8 @@ impl WorkerSet {
     fn start(&mut self, index: u16) -> std::io::Result<()> {
         let id = self.next_id;
         self.next_id += 1;
-        let child = Child::spawn(&self.launch, index, id, self.events_tx.clone())?;
+        let listener = self.slots[index as usize].listener.as_raw_fd();
+        let child = Child::spawn(&self.launch, index, listener, id, self.events_tx.clone())?;
         tracing::info!(index, pid = child.pid, "worker started");
         self.procs.insert(
             id,

@@ -29,6 +29,11 @@ pub fn run(config: Config, user_args: Vec<OsString>) -> anyhow::Result<()> {
         .as_socket()
         .context("listener address")?;
     let mesh = MeshDir::create(&config.cluster.mesh_dir)?;
+    // One listening socket per worker slot, all in the port's SO_REUSEPORT group.
+    let listeners = (0..count)
+        .map(|_| mqttd_broker::worker::bind_tcp(addr, config.listener.backlog))
+        .collect::<std::io::Result<Vec<_>>>()
+        .with_context(|| format!("listening on {addr}"))?;
 
     let mut args = user_args;
     args.extend(
@@ -60,7 +65,7 @@ pub fn run(config: Config, user_args: Vec<OsString>) -> anyhow::Result<()> {
             version = env!("CARGO_PKG_VERSION"),
             "supervisor starting"
         );
-        WorkerSet::new(launch, count, drain)
+        WorkerSet::new(launch, listeners, drain)
             .run(signals, || announce(addr))
             .await
     });

@@ -4,6 +4,8 @@
 
 use std::io::Write;
 
+use std::os::fd::FromRawFd;
+
 use anyhow::Context;
 use mqttd_broker::cluster::WorkerIdentity;
 use mqttd_broker::config::Config;
@@ -13,7 +15,7 @@ use mqttd_broker::Worker;
 /// counts these to know when the broker as a whole is ready.
 pub const READY_LINE: &str = "mqttd worker ready";
 
-pub fn run(config: Config, identity: WorkerIdentity) -> anyhow::Result<()> {
+pub fn run(config: Config, identity: WorkerIdentity, listen_fd: Option<i32>) -> anyhow::Result<()> {
     // Every log line of this process says which worker wrote it (stderr is shared).
     let span = tracing::info_span!("worker", index = identity.index);
     let _entered = span.enter();
@@ -26,7 +28,10 @@ pub fn run(config: Config, identity: WorkerIdentity) -> anyhow::Result<()> {
         .context("building the tokio runtime")?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
-        let worker = Worker::bind(config, Some(identity)).await?;
+        // SAFETY: the supervisor passed this descriptor (a listening TCP socket) to this
+        // process alone, at exec; nothing else here owns or closes it.
+        let inherited = listen_fd.map(|fd| unsafe { std::net::TcpListener::from_raw_fd(fd) });
+        let worker = Worker::bind(config, Some(identity), inherited).await?;
         for (kind, addr) in worker.listen_addrs() {
             tracing::info!(
                 version = env!("CARGO_PKG_VERSION"),

@@ -172,7 +172,9 @@ impl SysWatch {
     async fn try_next_live(&mut self, topic: &str) -> Result<String, String> {
         self.live.remove(topic);
         let values = self
-            .try_wait(&format!("a refresh of {topic}"), true, |v| v.contains_key(topic))
+            .try_wait(&format!("a refresh of {topic}"), true, |v| {
+                v.contains_key(topic)
+            })
             .await?;
         Ok(values[topic].clone())
     }
@@ -277,7 +279,8 @@ async fn cross_worker_delivery_qos_0_1_2() {
     assert_eq!(p.qos, QoS::AtLeastOnce);
     // And the other way round: publisher and subscriber swap workers.
     subscribe(&mut publ, "xw/back", QoS::ExactlyOnce).await;
-    sub.publish("xw/back", QoS::ExactlyOnce, false, "back").await;
+    sub.publish("xw/back", QoS::ExactlyOnce, false, "back")
+        .await;
     sub.publish("xw/back", QoS::ExactlyOnce, false, "end").await;
     assert_eq!(payloads(&until_marker(&mut publ, "end").await), ["back"]);
 }
@@ -331,7 +334,12 @@ async fn wildcard_filters_across_workers_deliver_once_per_subscriber() {
     expect(
         "w/+/temp + w/a/# (worker 0)",
         until_marker(&mut plus, "end").await,
-        &[("w/a/temp", "1"), ("w/b/temp", "2"), ("w/a/b/c", "3"), ("w/a", "6")],
+        &[
+            ("w/a/temp", "1"),
+            ("w/b/temp", "2"),
+            ("w/a/b/c", "3"),
+            ("w/a", "6"),
+        ],
     );
     expect(
         "w/# (worker 1)",
@@ -380,7 +388,10 @@ async fn retained_messages_across_workers() {
             ("rt/x", "kept"),
             "worker {worker}, {filter}"
         );
-        assert!(p.retain, "worker {worker}: retain flag of a retained message");
+        assert!(
+            p.retain,
+            "worker {worker}: retain flag of a retained message"
+        );
         assert_eq!(p.qos, QoS::AtLeastOnce);
     }
 
@@ -500,7 +511,12 @@ async fn shared_subscription_members_on_three_workers() {
     let total = all.len();
     all.sort_by_key(|p| p[1..].parse::<u32>().unwrap());
     all.dedup();
-    assert_eq!(total, 60, "deliveries in total (duplicates: {})", total - all.len());
+    assert_eq!(
+        total,
+        60,
+        "deliveries in total (duplicates: {})",
+        total - all.len()
+    );
     assert_eq!(all, sent, "each message delivered once overall");
     let counts: Vec<usize> = got.iter().map(Vec::len).collect();
     eprintln!("shared group split across workers 0, 1, 2: {counts:?}");
@@ -511,7 +527,10 @@ async fn shared_subscription_members_on_three_workers() {
     // Each member's share is in publication order.
     for share in &got {
         let nums: Vec<u32> = share.iter().map(|p| p[1..].parse().unwrap()).collect();
-        assert!(nums.windows(2).all(|w| w[0] < w[1]), "out of order: {share:?}");
+        assert!(
+            nums.windows(2).all(|w| w[0] < w[1]),
+            "out of order: {share:?}"
+        );
     }
     for p in pumps {
         p.abort();
@@ -532,7 +551,11 @@ async fn takeover_across_workers_v5() {
     // handed to worker 1, which holds the id.
     for round in 0..8 {
         let next = v5::connect(v5::opts(&broker, &id)).await;
-        assert_eq!(next.connack.code, ConnectReturnCode::Success, "round {round}");
+        assert_eq!(
+            next.connack.code,
+            ConnectReturnCode::Success,
+            "round {round}"
+        );
         match prev.events.expect_closed().await {
             ConnectionError::MqttState(StateError::ServerDisconnect { reason_code, .. }) => {
                 assert_eq!(
@@ -560,7 +583,10 @@ async fn takeover_across_workers_v5() {
     let mut first = v5::connect(v5::persistent(&broker, &pid, 300)).await;
     first.subscribe("tk/p", v5::QoS::AtLeastOnce).await;
     let mut second = v5::connect(v5::persistent(&broker, &pid, 300)).await;
-    assert!(second.connack.session_present, "session taken over is present");
+    assert!(
+        second.connack.session_present,
+        "session taken over is present"
+    );
     match first.events.expect_closed().await {
         ConnectionError::MqttState(StateError::ServerDisconnect { reason_code, .. }) => {
             assert_eq!(reason_code, DisconnectReasonCode::SessionTakenOver)
@@ -580,7 +606,11 @@ async fn takeover_across_workers_v311() {
     let mut prev = v4::connect(v4::opts(&broker, &id)).await;
     for round in 0..8 {
         let next = v4::connect(v4::opts(&broker, &id)).await;
-        assert_eq!(next.connack.code, v4::ConnectReturnCode::Success, "round {round}");
+        assert_eq!(
+            next.connack.code,
+            v4::ConnectReturnCode::Success,
+            "round {round}"
+        );
         // 3.1.1 has no DISCONNECT from the server: the old connection is closed.
         let _ = prev.events.expect_closed().await;
         prev = next;
@@ -589,7 +619,10 @@ async fn takeover_across_workers_v311() {
     let mut publ = client_on(&broker, 0, "tk4-pub").await;
     publ.publish("tk4/t", QoS::AtLeastOnce, false, "to the survivor")
         .await;
-    assert_eq!(payload_str(&prev.next_publish().await.payload), "to the survivor");
+    assert_eq!(
+        payload_str(&prev.next_publish().await.payload),
+        "to the survivor"
+    );
 }
 
 // ------------------------------------------------------------------------------------------
@@ -621,7 +654,11 @@ async fn persistent_session_resumes_with_queued_messages_v311() {
             }
             got
         };
-        assert_eq!(payloads(&got), sent, "round {round}: queued messages in order");
+        assert_eq!(
+            payloads(&got),
+            sent,
+            "round {round}: queued messages in order"
+        );
         for p in &got {
             assert_eq!(p.qos, QoS::AtLeastOnce);
         }
@@ -680,7 +717,12 @@ async fn run_ring(
         let payload = format!("round{round}");
         for i in 0..n {
             ring[i]
-                .publish(&topics[(i + 1) % n], QoS::AtLeastOnce, false, payload.clone())
+                .publish(
+                    &topics[(i + 1) % n],
+                    QoS::AtLeastOnce,
+                    false,
+                    payload.clone(),
+                )
                 .await;
         }
         for i in 0..n {
@@ -741,10 +783,17 @@ async fn killed_worker_is_replaced_and_others_keep_serving() {
     }
     let mut other = client_on(&broker, 3, "kill-other").await;
     subscribe(&mut other, "kill/from-new", QoS::AtLeastOnce).await;
-    other.publish("kill/kept", QoS::AtLeastOnce, true, "retained before").await;
+    other
+        .publish("kill/kept", QoS::AtLeastOnce, true, "retained before")
+        .await;
     // Sanity: the victim's client gets cross-worker messages.
-    other.publish(only[0], QoS::AtLeastOnce, false, "hello victim").await;
-    assert_eq!(payload_str(&doomed.next_publish().await.payload), "hello victim");
+    other
+        .publish(only[0], QoS::AtLeastOnce, false, "hello victim")
+        .await;
+    assert_eq!(
+        payload_str(&doomed.next_publish().await.payload),
+        "hello victim"
+    );
 
     // Every subscription is made (SUBACK waits for every worker): the next refresh counts all.
     // Failures of the $SYS routes count are reported at the end, after the rest is checked.
@@ -828,13 +877,22 @@ async fn killed_worker_is_replaced_and_others_keep_serving() {
     assert_eq!(payload_str(&p.payload), "retained before");
     assert!(p.retain);
     // Cross-worker both ways.
-    other.publish(only[1], QoS::AtLeastOnce, false, "to the new worker").await;
+    other
+        .publish(only[1], QoS::AtLeastOnce, false, "to the new worker")
+        .await;
     let p = reborn.next_publish().await;
     assert_eq!(
         (p.topic.as_str(), payload_str(&p.payload).as_str()),
         (only[1], "to the new worker")
     );
-    reborn.publish("kill/from-new", QoS::AtLeastOnce, false, "from the new worker").await;
+    reborn
+        .publish(
+            "kill/from-new",
+            QoS::AtLeastOnce,
+            false,
+            "from the new worker",
+        )
+        .await;
     assert_eq!(
         payload_str(&other.next_publish().await.payload),
         "from the new worker"
@@ -891,7 +949,10 @@ async fn sys_counts_clients_per_worker_and_in_total() {
     let want = |counts: [u64; 4]| {
         let mut want = BTreeMap::new();
         for (i, n) in counts.iter().enumerate() {
-            want.insert(format!("$SYS/broker/workers/{i}/clients/connected"), n.to_string());
+            want.insert(
+                format!("$SYS/broker/workers/{i}/clients/connected"),
+                n.to_string(),
+            );
         }
         want.insert(
             "$SYS/broker/clients/connected".to_string(),
@@ -908,7 +969,9 @@ async fn sys_counts_clients_per_worker_and_in_total() {
 
     // Two leave worker 3, one leaves worker 1.
     let mut keep = Vec::new();
-    let mut left = [(3u16, 2), (1, 1)].into_iter().collect::<BTreeMap<u16, usize>>();
+    let mut left = [(3u16, 2), (1, 1)]
+        .into_iter()
+        .collect::<BTreeMap<u16, usize>>();
     for (worker, c) in clients {
         match left.get_mut(&worker) {
             Some(n) if *n > 0 => {

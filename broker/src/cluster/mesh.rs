@@ -47,7 +47,13 @@ struct Link {
     notify: Rc<Notify>,
     /// Process id of the peer incarnation this link is connected to.
     peer_pid: Option<u32>,
+    /// Connections waiting for this link to come (back) up: a peer restarting, or a new
+    /// incarnation replacing it. Sent on connect; dropped (closing them) when too old.
+    pending_handoffs: Vec<(Instant, OwnedFd, Bytes)>,
 }
+
+/// How long a connection may wait for the worker owning its client id to be reachable.
+const HANDOFF_WAIT: Duration = Duration::from_secs(5);
 
 /// What each side of the mesh knows about a peer.
 #[derive(Default)]
@@ -114,6 +120,12 @@ impl MeshState {
     }
 }
 
+fn queue_handoff(link: &mut Link, socket: OwnedFd, bytes: Bytes, now: Instant) {
+    let offset = link.out.len();
+    wire::encode(&mut link.out, &Frame::Handoff(bytes), now);
+    link.fds.push_back((offset, socket));
+}
+
 /// The engine's handle on the mesh (implements [`Cluster`]).
 pub struct EmbeddedCluster {
     state: Rc<RefCell<MeshState>>,
@@ -138,7 +150,11 @@ impl Cluster for EmbeddedCluster {
         if !link.connected || link.out.len() > MAX_OUTBOX {
             state.dropped_forwards += 1;
             if state.dropped_forwards.is_power_of_two() {
-                tracing::warn!(to, dropped = state.dropped_forwards, "peer not keeping up: forwards dropped");
+                tracing::warn!(
+                    to,
+                    dropped = state.dropped_forwards,
+                    "peer not keeping up: forwards dropped"
+                );
             }
             return;
         }
@@ -172,13 +188,19 @@ impl Cluster for EmbeddedCluster {
 
     fn handoff(&mut self, to: u16, socket: OwnedFd, bytes: Bytes) -> Result<(), OwnedFd> {
         let mut state = self.state.borrow_mut();
-        let link = &mut state.links[to as usize];
-        if !link.connected {
+        let Some(link) = state.links.get_mut(to as usize) else {
             return Err(socket);
+        };
+        let now = Instant::now();
+        if !link.connected {
+            // The owner is restarting or being replaced: the client waits for it (its
+            // CONNACK comes from the new process) instead of being refused.
+            link.pending_handoffs
+                .retain(|(since, ..)| now.duration_since(*since) < HANDOFF_WAIT);
+            link.pending_handoffs.push((now, socket, bytes));
+            return Ok(());
         }
-        let offset = link.out.len();
-        wire::encode(&mut link.out, &Frame::Handoff(bytes), Instant::now());
-        link.fds.push_back((offset, socket));
+        queue_handoff(link, socket, bytes, now);
         link.notify.notify_one();
         Ok(())
     }
@@ -289,6 +311,11 @@ async fn run_link(peer: u16, state: Rc<RefCell<MeshState>>, engine: Rc<RefCell<E
                 wire::encode(&mut link.out, &Frame::Retained((*msg).clone()), now);
             }
             wire::encode(&mut link.out, &Frame::RetainedEnd, now);
+            for (since, socket, bytes) in std::mem::take(&mut link.pending_handoffs) {
+                if now.duration_since(since) < HANDOFF_WAIT {
+                    queue_handoff(link, socket, bytes, now);
+                }
+            }
             let notify = link.notify.clone();
             st.progress.notify_waiters();
             notify
