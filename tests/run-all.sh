@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: Rust unit, property and integration tests (rumqttc against the real
-# mqttd binary, raw malformed-input tests), then the interop suite with clients we did not
-# write (paho-mqtt, mosquitto_pub/sub). Installs those clients first if they are missing.
+# mqttd binary, raw malformed-input tests, supervisor and cluster tests), then the interop
+# suite with clients we did not write (paho-mqtt, mosquitto_pub/sub); then the client suites
+# again against 4 worker processes. Installs the clients first if they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,3 +20,6 @@ python3 -c 'import paho.mqtt, pytest' 2>/dev/null || python3 -m pip install -q -
 cargo build --workspace --bins
 cargo test --workspace
 python3 -m pytest tests/interop -q
+# The foundation's suites again, unchanged, against a broker of 4 worker processes.
+MQTTD_TEST_WORKERS=4 cargo test -p mqttd-supervisor --test v311 --test v5 --test ordering --test malformed
+MQTTD_TEST_WORKERS=4 python3 -m pytest tests/interop -q
