@@ -137,8 +137,27 @@ impl Engine {
         self.route_refs.keys().cloned().collect()
     }
 
-    /// Every peer confirmed barrier `id`: the SUBACKs waiting for it go out.
+    /// Every peer confirmed barrier `id` (and so every earlier one: links are FIFO): the
+    /// acknowledgements and SUBACKs waiting for it go out.
     pub fn barrier_done(&mut self, id: u64, now: Instant) {
+        let holding = std::mem::take(&mut self.holding_acks);
+        for key in holding {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            match conn.held_acks.take() {
+                Some(held) if held.0 <= id => {
+                    for ack in &held.1 {
+                        conn.send(ack);
+                    }
+                }
+                Some(held) => {
+                    conn.held_acks = Some(held);
+                    self.holding_acks.push(key);
+                }
+                None => {}
+            }
+        }
         let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked_subacks)
             .into_iter()
             .partition(|(barrier, _)| *barrier == id);

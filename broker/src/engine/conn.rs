@@ -67,6 +67,9 @@ pub struct Conn {
     pub dirty: Rc<DirtyList>,
     /// Already on the dirty list since the driver last took it.
     pub queued: bool,
+    /// Acknowledgements held until a cluster barrier completes (see `Engine::acknowledge`):
+    /// (barrier id, acks in order). `None` nearly always.
+    pub held_acks: Option<Box<(u64, Vec<Packet>)>>,
     /// Timer ticks spent in `Closing` (see `Engine::should_abort`).
     pub close_ticks: u8,
 }
@@ -90,6 +93,7 @@ impl Conn {
             key,
             dirty,
             queued: false,
+            held_acks: None,
             close_ticks: 0,
         }
     }

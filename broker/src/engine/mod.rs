@@ -71,6 +71,8 @@ pub struct Engine {
     handoffs: Vec<(ConnKey, u16, bytes::Bytes)>,
     /// Sockets other workers handed to this one, waiting for the transport to adopt them.
     adopted: Vec<(std::os::fd::OwnedFd, bytes::Bytes)>,
+    /// Connections with acknowledgements held for a cluster barrier.
+    holding_acks: Vec<ConnKey>,
     /// SUBACKs waiting for a cluster barrier.
     parked_subacks: Vec<(u64, ParkedSubAck)>,
     /// Routes each peer announced, so they can be dropped when it goes away.
@@ -112,6 +114,7 @@ impl Engine {
             handoffs: Vec::new(),
             adopted: Vec::new(),
             parked_subacks: Vec::new(),
+            holding_acks: Vec::new(),
             worker_stats: vec![None; workers.max(1) as usize],
             remote_routes: vec![Default::default(); workers.max(1) as usize],
             started_at: Instant::now(),

@@ -156,13 +156,40 @@ impl Engine {
         }
         self.route(&msg, now);
         match qos {
-            1 => self.conns[key].send(&Packet::PubAck(PubAck {
-                pkid: p.pkid,
-                reason: PubAckReason::Success,
-                properties: None,
-            })),
-            2 => self.conns[key].send(&pubrec(p.pkid)),
+            1 => {
+                let ack = Packet::PubAck(PubAck {
+                    pkid: p.pkid,
+                    reason: PubAckReason::Success,
+                    properties: None,
+                });
+                self.acknowledge(key, ack, msg.retain);
+            }
+            2 => self.acknowledge(key, pubrec(p.pkid), msg.retain),
             _ => {}
+        }
+    }
+
+    /// Sends a PUBACK/PUBREC/PUBCOMP, in order with the connection's earlier ones. The ack
+    /// of a retained PUBLISH waits until every peer has stored the message (a barrier after
+    /// the `Retained` frame), so a subscriber on any worker sees what was acknowledged;
+    /// later acks of the connection queue behind it (acks go in PUBLISH order, MQTT-4.6).
+    fn acknowledge(&mut self, key: ConnKey, ack: Packet, retained: bool) {
+        let barrier = if retained {
+            self.cluster.barrier()
+        } else {
+            None
+        };
+        let conn = &mut self.conns[key];
+        match (&mut conn.held_acks, barrier) {
+            (Some(held), barrier) => {
+                held.0 = barrier.unwrap_or(held.0).max(held.0);
+                held.1.push(ack);
+            }
+            (None, Some(barrier)) => {
+                conn.held_acks = Some(Box::new((barrier, vec![ack])));
+                self.holding_acks.push(key);
+            }
+            (None, None) => conn.send(&ack),
         }
     }
 
@@ -450,11 +477,12 @@ impl Engine {
             }
             None => PubCompReason::PacketIdentifierNotFound,
         };
-        self.conns[key].send(&Packet::PubComp(PubComp {
+        let comp = Packet::PubComp(PubComp {
             pkid,
             reason,
             properties: None,
-        }));
+        });
+        self.acknowledge(key, comp, false);
     }
 
     pub(super) fn handle_disconnect(&mut self, key: ConnKey, d: Disconnect, now: Instant) {

@@ -16,10 +16,32 @@ use crate::router::Route;
 
 /// What one filter of a SUBSCRIBE came to.
 enum FilterOutcome {
-    Granted(u8),
+    Granted(Granted),
     Refused(SubscribeReasonCode),
     /// An error that ends the connection (No Local on a shared subscription, U+0000).
     Fatal(DisconnectReasonCode, &'static str),
+}
+
+/// A granted filter, not yet active (see [`ParkedSubAck`]).
+#[derive(Debug)]
+pub(crate) struct Granted {
+    /// The filter as the client sent it (with `$share/g/` if shared).
+    path: String,
+    route: Route,
+    opts: SubscriptionOptions,
+    /// This subscription was counted in the route refs when it was announced.
+    counted: bool,
+}
+
+/// A SUBSCRIBE whose filters become active, and whose SUBACK goes out, once the cluster has
+/// confirmed its new routes: from then on a PUBLISH through any worker reaches them, and the
+/// retained messages read at that moment include every retained PUBLISH acknowledged before.
+#[derive(Debug)]
+pub(crate) struct ParkedSubAck {
+    conn: ConnKey,
+    session: usize,
+    suback: Packet,
+    granted: Vec<Granted>,
 }
 
 impl Engine {
@@ -27,17 +49,14 @@ impl Engine {
         let subscription_id = s.properties.as_ref().and_then(|p| p.id);
         if let Some(id) = subscription_id {
             if id == 0 || id > 268_435_455 {
-                return self.protocol_error(
-                    key,
-                    DisconnectReasonCode::ProtocolError,
-                    "subscription identifier out of range",
-                    now,
-                );
+                let why = "subscription identifier out of range";
+                return self.protocol_error(key, DisconnectReasonCode::ProtocolError, why, now);
             }
             if !self.config.mqtt.subscription_identifiers {
+                let reason = DisconnectReasonCode::SubscriptionIdentifiersNotSupported;
                 return self.protocol_error(
                     key,
-                    DisconnectReasonCode::SubscriptionIdentifiersNotSupported,
+                    reason,
                     "subscription identifiers not supported",
                     now,
                 );
@@ -48,38 +67,41 @@ impl Engine {
         };
         let subscription_id = subscription_id.map(|id| id as u32);
         let mut codes = Vec::with_capacity(s.filters.len());
-        let mut retained: Vec<(Rc<Message>, Delivery)> = Vec::new();
-        let mut new_route = false;
+        let mut granted = Vec::with_capacity(s.filters.len());
         for filter in &s.filters {
-            let outcome = self.subscribe_one(
-                skey,
-                filter,
-                subscription_id,
-                &mut retained,
-                &mut new_route,
-                now,
-            );
-            let code = match outcome {
-                FilterOutcome::Granted(qos) => SubscribeReasonCode::Success(qos_from_u8(qos)),
-                FilterOutcome::Refused(code) => code,
+            match self.check_filter(filter, subscription_id) {
+                FilterOutcome::Granted(g) => {
+                    codes.push(SubscribeReasonCode::Success(qos_from_u8(g.opts.qos)));
+                    granted.push(g);
+                }
+                FilterOutcome::Refused(code) => codes.push(code),
                 FilterOutcome::Fatal(reason, why) => {
                     return self.protocol_error(key, reason, why, now)
                 }
-            };
-            codes.push(code);
+            }
+        }
+        // Announce the routes this worker did not have; the peers confirm them (barrier)
+        // before the filters go live and the SUBACK goes out.
+        let mut new_route = false;
+        for g in granted.iter_mut() {
+            if !self.sessions[skey]
+                .subscriptions
+                .contains_key(g.path.as_str())
+            {
+                g.counted = true;
+                new_route |= self.add_route(g.route.clone());
+            }
         }
         let suback = Packet::SubAck(SubAck {
             pkid: s.pkid,
             return_codes: codes,
             properties: None,
         });
-        // A new route must be known to every worker before SUBACK: a client that
-        // publishes after its SUBACK, through any worker, must reach this subscription.
         let parked = ParkedSubAck {
             conn: key,
             session: skey,
             suback,
-            retained,
+            granted,
         };
         match new_route.then(|| self.cluster.barrier()).flatten() {
             Some(barrier) => self.parked_subacks.push((barrier, parked)),
@@ -87,29 +109,61 @@ impl Engine {
         }
     }
 
-    /// Sends a SUBACK and then the retained messages it unlocks (in that order).
+    /// Activates the granted filters, sends the SUBACK, then the retained messages it
+    /// unlocks (in that order, MQTT-3.8.4).
     pub(super) fn complete_subscribe(&mut self, parked: ParkedSubAck, now: Instant) {
-        let Some(conn) = self.conns.get_mut(parked.conn) else {
+        let alive = self
+            .conns
+            .get(parked.conn)
+            .is_some_and(|c| c.session == Some(parked.session));
+        if !alive {
+            // The connection went away while the cluster confirmed the routes.
+            for g in parked.granted.into_iter().filter(|g| g.counted) {
+                self.remove_route(g.route);
+            }
             return;
-        };
-        if conn.session != Some(parked.session) {
-            return; // the connection went away while the cluster confirmed the route
         }
-        conn.send(&parked.suback);
-        for (msg, delivery) in parked.retained {
-            self.deliver(parked.session, &msg, delivery, now);
+        let skey = parked.session;
+        let mut retained: Vec<(Rc<Message>, Delivery)> = Vec::new();
+        for g in parked.granted {
+            let existed = self.sessions[skey]
+                .subscriptions
+                .insert(g.path.as_str().into(), g.opts)
+                .is_some();
+            if existed && g.counted {
+                self.remove_route(g.route.clone()); // counted twice by overlapping SUBSCRIBEs
+            }
+            match &g.route.group {
+                None => {
+                    self.subscriptions.insert(&g.route.filter, skey, g.opts);
+                }
+                Some(group) => {
+                    self.shared.insert(group, &g.route.filter, skey, g.opts);
+                }
+            }
+            // Retained messages are never sent for shared subscriptions (MQTT-4.8.2-5 note).
+            let rh = g.opts.retain_handling;
+            if g.route.group.is_none() && (rh == 0 || (rh == 1 && !existed)) {
+                let mut found = Vec::new();
+                self.retained.matching(&g.route.filter, now, &mut found);
+                retained.extend(found.into_iter().map(|msg| {
+                    let delivery = Delivery {
+                        qos: g.opts.qos.min(msg.qos as u8),
+                        retain: true,
+                        subscription_ids: g.opts.subscription_id.into_iter().collect(),
+                    };
+                    (msg, delivery)
+                }));
+            }
+        }
+        self.conns[parked.conn].send(&parked.suback);
+        for (msg, delivery) in retained {
+            self.deliver(skey, &msg, delivery, now);
         }
     }
 
-    fn subscribe_one(
-        &mut self,
-        skey: usize,
-        f: &Filter,
-        subscription_id: Option<u32>,
-        retained: &mut Vec<(Rc<Message>, Delivery)>,
-        new_route: &mut bool,
-        now: Instant,
-    ) -> FilterOutcome {
+    /// Checks one filter of a SUBSCRIBE against the spec and this broker's features.
+    fn check_filter(&self, f: &Filter, subscription_id: Option<u32>) -> FilterOutcome {
         if f.path.contains('\0') {
             // U+0000 in any MQTT string makes the packet malformed (MQTT-1.5.4-2), which
             // closes the connection, unlike a filter that is merely invalid.
@@ -126,78 +180,47 @@ impl Engine {
                 return FilterOutcome::Refused(SubscribeReasonCode::TopicFilterInvalid);
             }
         };
-        let inner = match parsed {
-            SubscriptionFilter::Plain(filter) => filter,
-            SubscriptionFilter::Shared { filter, .. } => {
+        let route = match parsed {
+            SubscriptionFilter::Plain(filter) => Route {
+                filter: filter.into(),
+                group: None,
+            },
+            SubscriptionFilter::Shared { group, filter } => {
                 if !mqtt.shared_subscriptions {
                     return FilterOutcome::Refused(
                         SubscribeReasonCode::SharedSubscriptionsNotSupported,
                     );
                 }
                 if f.nolocal {
-                    return FilterOutcome::Fatal(
-                        DisconnectReasonCode::ProtocolError,
-                        "No Local on a shared subscription",
-                    );
+                    let why = "No Local on a shared subscription";
+                    return FilterOutcome::Fatal(DisconnectReasonCode::ProtocolError, why);
                 }
-                filter
-            }
-        };
-        if !mqtt.wildcard_subscriptions && inner.contains(['+', '#']) {
-            return FilterOutcome::Refused(SubscribeReasonCode::WildcardSubscriptionsNotSupported);
-        }
-        let granted = (f.qos as u8).min(mqtt.maximum_qos);
-        let retain_handling = match f.retain_forward_rule {
-            RetainForwardRule::OnEverySubscribe => 0,
-            RetainForwardRule::OnNewSubscribe => 1,
-            RetainForwardRule::Never => 2,
-        };
-        let opts = SubscriptionOptions {
-            qos: granted,
-            no_local: f.nolocal,
-            retain_as_published: f.preserve_retain,
-            retain_handling,
-            subscription_id,
-        };
-        let existed = self.sessions[skey]
-            .subscriptions
-            .insert(f.path.as_str().into(), opts)
-            .is_some();
-        let route = match parsed {
-            SubscriptionFilter::Plain(filter) => {
-                self.subscriptions.insert(filter, skey, opts);
-                Route {
-                    filter: filter.into(),
-                    group: None,
-                }
-            }
-            SubscriptionFilter::Shared { group, filter } => {
-                self.shared.insert(group, filter, skey, opts);
                 Route {
                     filter: filter.into(),
                     group: Some(group.into()),
                 }
             }
         };
-        if !existed {
-            *new_route |= self.add_route(route);
+        if !mqtt.wildcard_subscriptions && route.filter.contains(['+', '#']) {
+            return FilterOutcome::Refused(SubscribeReasonCode::WildcardSubscriptionsNotSupported);
         }
-        // Retained messages are never sent for shared subscriptions (MQTT-4.8.2-5 note).
-        let wants_retained = matches!(parsed, SubscriptionFilter::Plain(_))
-            && (retain_handling == 0 || (retain_handling == 1 && !existed));
-        if wants_retained {
-            let mut found = Vec::new();
-            self.retained.matching(inner, now, &mut found);
-            retained.extend(found.into_iter().map(|msg| {
-                let delivery = Delivery {
-                    qos: granted.min(msg.qos as u8),
-                    retain: true,
-                    subscription_ids: subscription_id.into_iter().collect(),
-                };
-                (msg, delivery)
-            }));
-        }
-        FilterOutcome::Granted(granted)
+        let retain_handling = match f.retain_forward_rule {
+            RetainForwardRule::OnEverySubscribe => 0,
+            RetainForwardRule::OnNewSubscribe => 1,
+            RetainForwardRule::Never => 2,
+        };
+        FilterOutcome::Granted(Granted {
+            path: f.path.clone(),
+            route,
+            opts: SubscriptionOptions {
+                qos: (f.qos as u8).min(mqtt.maximum_qos),
+                no_local: f.nolocal,
+                retain_as_published: f.preserve_retain,
+                retain_handling,
+                subscription_id,
+            },
+            counted: false,
+        })
     }
 
     pub(super) fn handle_unsubscribe(&mut self, key: ConnKey, u: Unsubscribe, now: Instant) {
@@ -303,13 +326,4 @@ impl Engine {
             }
         }
     }
-}
-
-/// A SUBACK waiting for the cluster to confirm a new route (see `Cluster::barrier`).
-#[derive(Debug)]
-pub(crate) struct ParkedSubAck {
-    conn: ConnKey,
-    session: usize,
-    suback: Packet,
-    retained: Vec<(Rc<Message>, Delivery)>,
 }
