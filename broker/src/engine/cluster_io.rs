@@ -96,11 +96,14 @@ impl Engine {
         if let Some(stats) = self.worker_stats.get_mut(worker as usize) {
             *stats = None;
         }
-        tracing::info!(
-            worker,
-            routes = routes.len(),
-            "peer worker gone: its routes removed"
-        );
+        if !routes.is_empty() {
+            let n = routes.len();
+            tracing::info!(
+                worker,
+                routes = n,
+                "peer worker gone or replaced: its routes removed"
+            );
+        }
     }
 
     /// A message published on another worker, for this worker's plain subscribers (if
