@@ -67,6 +67,11 @@ impl Worker {
         })
     }
 
+    /// How many times the supervisor restarted this worker's slot (reported in `$SYS`).
+    pub fn set_restarts(&self, restarts: u64) {
+        self.engine.borrow_mut().stats.restarts = restarts;
+    }
+
     /// The bound listeners as (kind, address), with real ports when port 0 was asked for.
     pub fn listen_addrs(&self) -> Vec<(&'static str, SocketAddr)> {
         self.tcp

@@ -20,6 +20,9 @@ use tokio::sync::mpsc;
 
 use crate::worker_main::READY_LINE;
 
+/// Environment variable telling a worker how many times its slot was restarted.
+pub const RESTARTS_ENV: &str = "MQTTD_WORKER_RESTARTS";
+
 /// The descriptor number a worker finds its slot's listening socket at.
 const INHERITED_LISTENER_FD: RawFd = 3;
 
@@ -55,10 +58,13 @@ impl Child {
         launch: &Launch,
         index: u16,
         listener: RawFd,
+        restarts: u64,
         id: u64,
         events: mpsc::UnboundedSender<(u64, Event)>,
     ) -> io::Result<Child> {
         let mut cmd = Command::new(&launch.exe);
+        // How often this slot was restarted, for the worker's `$SYS` restart counter.
+        cmd.env(RESTARTS_ENV, restarts.to_string());
         cmd.args(&launch.args)
             .arg("--listen-fd")
             .arg(INHERITED_LISTENER_FD.to_string())

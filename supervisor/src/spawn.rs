@@ -163,7 +163,15 @@ impl WorkerSet {
         let id = self.next_id;
         self.next_id += 1;
         let listener = self.slots[index as usize].listener.as_raw_fd();
-        let child = Child::spawn(&self.launch, index, listener, id, self.events_tx.clone())?;
+        let restarts = self.slots[index as usize].restarts;
+        let child = Child::spawn(
+            &self.launch,
+            index,
+            listener,
+            restarts,
+            id,
+            self.events_tx.clone(),
+        )?;
         tracing::info!(index, pid = child.pid, "worker started");
         self.procs.insert(
             id,

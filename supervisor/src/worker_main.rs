@@ -32,6 +32,10 @@ pub fn run(config: Config, identity: WorkerIdentity, listen_fd: Option<i32>) -> 
         // process alone, at exec; nothing else here owns or closes it.
         let inherited = listen_fd.map(|fd| unsafe { std::net::TcpListener::from_raw_fd(fd) });
         let worker = Worker::bind(config, Some(identity), inherited).await?;
+        let restarts = std::env::var(crate::child::RESTARTS_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok());
+        worker.set_restarts(restarts.unwrap_or(0));
         for (kind, addr) in worker.listen_addrs() {
             tracing::info!(
                 version = env!("CARGO_PKG_VERSION"),

@@ -916,6 +916,14 @@ async fn killed_worker_is_replaced_and_others_keep_serving() {
         c.disconnect().await;
     }
     broker.assert_alive();
+    // The restart is counted (the supervisor tells the replacement; worker 0 publishes it).
+    let restarts = format!("$SYS/broker/workers/{VICTIM}/restarts");
+    let mut restart_watch = SysWatch::new(&broker, 0, &[&restarts]).await;
+    restart_watch
+        .wait("the restart counted", false, |v| {
+            v.get(&restarts).map(String::as_str) == Some("1")
+        })
+        .await;
     assert!(
         routes_problems.is_empty(),
         "everything else passed, but $SYS routes count: {routes_problems:#?}"

@@ -82,6 +82,8 @@ pub struct WorkerStats {
     pub bytes_sent: u64,
     /// Messages this worker sent on to other workers (one per destination worker).
     pub forwarded: u64,
+    /// Times this worker's slot was restarted after its process died.
+    pub restarts: u64,
 }
 
 /// The backend of a broker with a single worker: there is no one else.

@@ -137,6 +137,7 @@ pub fn encode(out: &mut BytesMut, f: &Frame, now: Instant) {
                 s.bytes_received,
                 s.bytes_sent,
                 s.forwarded,
+                s.restarts,
             ] {
                 o.put_u64_le(v);
             }
@@ -403,6 +404,7 @@ pub fn decode(buf: &mut BytesMut, now: Instant) -> Result<Option<Frame>, WireErr
             bytes_received: r.u64()?,
             bytes_sent: r.u64()?,
             forwarded: r.u64()?,
+            restarts: r.u64()?,
         }),
         other => return Err(WireError(format!("unknown frame kind {other}"))),
     };

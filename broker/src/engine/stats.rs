@@ -2,6 +2,8 @@
 
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
+    /// Times the supervisor restarted this worker's slot before this process.
+    pub restarts: u64,
     pub connections_accepted: u64,
     pub connections_closed: u64,
     pub connections_refused: u64,

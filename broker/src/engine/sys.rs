@@ -30,6 +30,7 @@ impl Engine {
             bytes_received: self.stats.bytes_received,
             bytes_sent: self.stats.bytes_sent,
             forwarded: self.stats.forwarded,
+            restarts: self.stats.restarts,
         }
     }
 
@@ -63,6 +64,10 @@ impl Engine {
             topics.push((
                 format!("$SYS/broker/workers/{i}/clients/connected"),
                 s.clients_connected.to_string(),
+            ));
+            topics.push((
+                format!("$SYS/broker/workers/{i}/restarts"),
+                s.restarts.to_string(),
             ));
         }
         let uptime = now.saturating_duration_since(self.started_at).as_secs();
