@@ -996,3 +996,34 @@ async fn sys_counts_clients_per_worker_and_in_total() {
     .await;
     drop(keep);
 }
+
+/// Many connections arriving at once, most of them handed to another worker in batches
+/// (several descriptors in one mesh write): every one gets its CONNACK.
+#[test]
+fn a_burst_of_connections_is_handed_over_intact() {
+    use std::io::{Read, Write};
+    let broker = Broker::start_workers(WORKERS, &[]);
+    let connect = |id: &str| {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60];
+        body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        body.extend_from_slice(id.as_bytes());
+        let mut packet = vec![0x10, body.len() as u8];
+        packet.extend(body);
+        packet
+    };
+    let mut streams: Vec<std::net::TcpStream> = (0..400)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(broker.addr).expect("connect");
+            s.write_all(&connect(&format!("burst-{i}")))
+                .expect("send CONNECT");
+            s
+        })
+        .collect();
+    for (i, s) in streams.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut connack = [0u8; 4];
+        s.read_exact(&mut connack)
+            .unwrap_or_else(|e| panic!("connection {i}: no CONNACK: {e}"));
+        assert_eq!(connack, [0x20, 2, 0, 0], "connection {i}");
+    }
+}

@@ -359,10 +359,12 @@ async fn write_link(
             write_all(stream, &out[..offset - sent]).await?;
             out.advance(offset - sent);
             sent = offset;
+            // Only up to the next Handoff frame: each descriptor must ride on its own frame.
+            let upto = fds.front().map_or(out.len(), |(next, _)| next - sent);
             loop {
                 stream.writable().await?;
                 match stream.try_io(Interest::WRITABLE, || {
-                    fdpass::send_with_fd(stream.as_raw_fd(), &out, &fd)
+                    fdpass::send_with_fd(stream.as_raw_fd(), &out[..upto], &fd)
                 }) {
                     Ok(n) => {
                         out.advance(n);
