@@ -233,29 +233,14 @@ impl TcpReactor {
         let Some(listener) = &self.listener else {
             return;
         };
+        let mut accepted = Vec::new();
         loop {
             match listener.accept() {
-                Ok((mut stream, _peer)) => {
+                Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let key = self.engine.borrow_mut().accept(Instant::now());
-                    let interest = Interest::READABLE | Interest::WRITABLE;
-                    if let Err(e) = self
-                        .poll
-                        .registry()
-                        .register(&mut stream, Token(key), interest)
-                    {
-                        tracing::warn!("registering a connection: {e}");
-                        self.engine
-                            .borrow_mut()
-                            .connection_lost(key, Instant::now());
-                        continue;
-                    }
-                    if self.streams.len() <= key {
-                        self.streams.resize_with(key + 1, || None);
-                    }
-                    self.streams[key] = Some(stream);
+                    accepted.push(stream);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     // EMFILE/ENFILE/ENOBUFS: epoll will not report the backlog again, so
@@ -263,9 +248,14 @@ impl TcpReactor {
                     tracing::warn!("accept failed: {e}; pausing accepts");
                     self.engine.borrow_mut().stats.accept_errors += 1;
                     self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
-                    return;
+                    break;
                 }
             }
+        }
+        let now = Instant::now();
+        for stream in accepted {
+            let key = self.engine.borrow_mut().accept(now);
+            self.install(key, stream);
         }
     }
 
