@@ -12,6 +12,7 @@
 mod cluster_io;
 mod conn;
 mod connect;
+mod deliver;
 mod handover;
 mod message;
 mod publish;

@@ -1,20 +1,17 @@
-//! PUBLISH in both directions: accepting a client's PUBLISH (aliases, validation, QoS 1/2
-//! handshakes), routing it to matching sessions, and delivering it to each subscriber
-//! through its inflight window and queue.
+//! Inbound PUBLISH: accepting a client's PUBLISH (aliases, validation, QoS 1/2 handshakes,
+//! acknowledgements in order), retained messages and wills, and routing a message to the
+//! matching local sessions and workers. Delivery to one session is in `deliver.rs`.
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use super::conn::{Conn, MAX_PENDING_OUTPUT};
 use super::message::{Delivery, Message};
-use super::session::{Inflight, InflightState, Queued, Session};
-use super::stats::Stats;
 use super::{ConnKey, Engine};
 use crate::protocol::{
-    qos_from_u8, Disconnect, DisconnectReasonCode, Packet, PubAck, PubAckReason, PubComp,
-    PubCompReason, PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties,
+    Disconnect, DisconnectReasonCode, Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecReason, Publish, PublishProperties,
 };
 use crate::router::RouteKind;
 
@@ -320,151 +317,6 @@ impl Engine {
         self.deliver(skey, msg, delivery, now);
     }
 
-    /// Sends `msg` to session `skey` now if its connection and window allow, else queues it.
-    pub(super) fn deliver(
-        &mut self,
-        skey: usize,
-        msg: &Rc<Message>,
-        delivery: Delivery,
-        now: Instant,
-    ) {
-        if msg.is_expired(now) {
-            self.stats.dropped_expired += 1;
-            return;
-        }
-        let session = &mut self.sessions[skey];
-        let window = self.config.limits.max_inflight;
-        if let Some(ckey) = session.conn {
-            let conn = &mut self.conns[ckey];
-            if delivery.qos == 0 {
-                if conn.out.len() > MAX_PENDING_OUTPUT {
-                    self.stats.dropped_qos0_backlog += 1;
-                } else {
-                    send_publish(conn, msg, &delivery, 0, false, now, &mut self.stats);
-                }
-                return;
-            }
-            if session.queue.is_empty() && session.inflight.len() < window_of(conn, window) {
-                start_inflight(conn, session, msg.clone(), delivery, now, &mut self.stats);
-                return;
-            }
-        } else if delivery.qos == 0 {
-            // QoS 0 is not kept for offline clients (as Mosquitto's default).
-            return;
-        }
-        if session.queue.len() >= self.config.limits.max_queued_messages {
-            self.stats.dropped_queue_full += 1;
-            if self.stats.dropped_queue_full.is_power_of_two() {
-                tracing::warn!(client_id = %session.client_id, dropped = self.stats.dropped_queue_full, "session queue full: messages dropped");
-            }
-            return;
-        }
-        session.queue.push_back(Queued {
-            msg: msg.clone(),
-            delivery,
-        });
-    }
-
-    /// After (re)connecting: resend what is inflight (PUBLISH with DUP, or PUBREL), then
-    /// fill the window from the queue (MQTT-4.4.0-1).
-    pub(super) fn resume_delivery(&mut self, skey: usize, now: Instant) {
-        let session = &mut self.sessions[skey];
-        let Some(ckey) = session.conn else {
-            return;
-        };
-        let conn = &mut self.conns[ckey];
-        for m in session.inflight.iter() {
-            match m.state {
-                InflightState::AwaitingAck => {
-                    send_publish(
-                        conn,
-                        &m.msg,
-                        &m.delivery,
-                        m.pkid,
-                        true,
-                        now,
-                        &mut self.stats,
-                    );
-                }
-                InflightState::AwaitingComp => conn.send(&pubrel(m.pkid, PubRelReason::Success)),
-            }
-        }
-        self.pump_queue(skey, now);
-    }
-
-    /// Moves queued messages into the inflight window while it has room.
-    fn pump_queue(&mut self, skey: usize, now: Instant) {
-        let session = &mut self.sessions[skey];
-        let Some(ckey) = session.conn else {
-            return;
-        };
-        let conn = &mut self.conns[ckey];
-        let window = window_of(conn, self.config.limits.max_inflight);
-        while session.inflight.len() < window {
-            let Some(q) = session.queue.pop_front() else {
-                break;
-            };
-            if q.msg.is_expired(now) {
-                self.stats.dropped_expired += 1;
-                continue;
-            }
-            start_inflight(conn, session, q.msg, q.delivery, now, &mut self.stats);
-        }
-    }
-
-    pub(super) fn handle_puback(&mut self, key: ConnKey, pkid: u16, now: Instant) {
-        self.complete_inflight(key, pkid, InflightState::AwaitingAck, now);
-    }
-
-    pub(super) fn handle_pubcomp(&mut self, key: ConnKey, pkid: u16, now: Instant) {
-        self.complete_inflight(key, pkid, InflightState::AwaitingComp, now);
-    }
-
-    /// Removes an acknowledged message from the window and lets the queue move up.
-    fn complete_inflight(
-        &mut self,
-        key: ConnKey,
-        pkid: u16,
-        expected: InflightState,
-        now: Instant,
-    ) {
-        let Some(skey) = self.conns[key].session else {
-            return;
-        };
-        let session = &mut self.sessions[skey];
-        match session.inflight_position(pkid) {
-            Some(pos) if session.inflight[pos].state == expected => {
-                session.inflight.remove(pos);
-                self.pump_queue(skey, now);
-            }
-            _ => tracing::debug!(conn = key, pkid, "acknowledgement for an unknown packet id"),
-        }
-    }
-
-    pub(super) fn handle_pubrec(&mut self, key: ConnKey, rec: PubRec, now: Instant) {
-        let Some(skey) = self.conns[key].session else {
-            return;
-        };
-        let session = &mut self.sessions[skey];
-        let conn = &mut self.conns[key];
-        let pos = session.inflight_position(rec.pkid).filter(|&p| {
-            session.inflight[p].state == InflightState::AwaitingAck
-                && session.inflight[p].delivery.qos == 2
-        });
-        match pos {
-            Some(pos) if is_error_reason(&rec.reason) => {
-                // The receiver refused it: the exchange ends here (v5 §4.3.3).
-                session.inflight.remove(pos);
-                self.pump_queue(skey, now);
-            }
-            Some(pos) => {
-                session.inflight[pos].state = InflightState::AwaitingComp;
-                conn.send(&pubrel(rec.pkid, PubRelReason::Success));
-            }
-            None => conn.send(&pubrel(rec.pkid, PubRelReason::PacketIdentifierNotFound)),
-        }
-    }
-
     pub(super) fn handle_pubrel(&mut self, key: ConnKey, pkid: u16) {
         let Some(skey) = self.conns[key].session else {
             return;
@@ -527,7 +379,7 @@ fn valid_topic(topic: &[u8]) -> bool {
     std::str::from_utf8(topic).is_ok_and(|t| topic_trie::validate_topic_name(t).is_ok())
 }
 
-fn is_empty_props(p: &PublishProperties) -> bool {
+pub(super) fn is_empty_props(p: &PublishProperties) -> bool {
     p.payload_format_indicator.is_none()
         && p.message_expiry_interval.is_none()
         && p.response_topic.is_none()
@@ -536,125 +388,10 @@ fn is_empty_props(p: &PublishProperties) -> bool {
         && p.content_type.is_none()
 }
 
-fn is_error_reason(r: &PubRecReason) -> bool {
-    !matches!(
-        r,
-        PubRecReason::Success | PubRecReason::NoMatchingSubscribers
-    )
-}
-
 fn pubrec(pkid: u16) -> Packet {
     Packet::PubRec(PubRec {
         pkid,
         reason: PubRecReason::Success,
         properties: None,
     })
-}
-
-fn pubrel(pkid: u16, reason: PubRelReason) -> Packet {
-    Packet::PubRel(PubRel {
-        pkid,
-        reason,
-        properties: None,
-    })
-}
-
-/// QoS 1/2 messages this connection may have unacknowledged: ours and the client's limit.
-fn window_of(conn: &Conn, max_inflight: u16) -> usize {
-    max_inflight.min(conn.client_receive_max) as usize
-}
-
-/// Sends a new QoS 1/2 message with a fresh packet id and records it as inflight.
-fn start_inflight(
-    conn: &mut Conn,
-    session: &mut Session,
-    msg: Rc<Message>,
-    delivery: Delivery,
-    now: Instant,
-    stats: &mut Stats,
-) {
-    let pkid = session.next_pkid();
-    if send_publish(conn, &msg, &delivery, pkid, false, now, stats) {
-        session.inflight.push_back(Inflight {
-            pkid,
-            msg,
-            delivery,
-            state: InflightState::AwaitingAck,
-        });
-    }
-}
-
-/// Encodes one PUBLISH of `msg` for this connection. Returns false if it was dropped
-/// because it exceeds the client's Maximum Packet Size (v5 §3.1.2.11.4: discarded as if sent).
-fn send_publish(
-    conn: &mut Conn,
-    msg: &Message,
-    delivery: &Delivery,
-    pkid: u16,
-    dup: bool,
-    now: Instant,
-    stats: &mut Stats,
-) -> bool {
-    let mut publish = Publish {
-        dup,
-        qos: qos_from_u8(delivery.qos),
-        retain: delivery.retain,
-        topic: msg.topic.clone(),
-        pkid,
-        payload: msg.payload.clone(),
-        properties: None,
-    };
-    if conn.version.is_v5() {
-        publish.properties = outgoing_properties(msg, delivery, now);
-    }
-    if publish.size() > conn.client_max_packet as usize {
-        stats.dropped_too_large += 1;
-        return false;
-    }
-    if conn.version.is_v5() && conn.client_alias_max > 0 {
-        apply_topic_alias(conn, &mut publish);
-    }
-    stats.messages_sent += 1;
-    conn.send(&Packet::Publish(publish));
-    true
-}
-
-/// The v5 properties of one outgoing copy: the publisher's, the remaining expiry and this
-/// subscriber's subscription identifiers. `None` (the fast path) when there are none.
-fn outgoing_properties(
-    msg: &Message,
-    delivery: &Delivery,
-    now: Instant,
-) -> Option<PublishProperties> {
-    if msg.properties.is_none() && delivery.subscription_ids.is_empty() {
-        return None;
-    }
-    let mut props = msg.properties.clone().unwrap_or_default();
-    props.message_expiry_interval = msg.remaining_expiry(now);
-    props.subscription_identifiers = delivery
-        .subscription_ids
-        .iter()
-        .map(|&id| id as usize)
-        .collect();
-    Some(props)
-}
-
-/// Replaces the topic by an alias the client already knows, or teaches it a new one while
-/// its Topic Alias Maximum allows (v5 §3.3.2.3.4).
-fn apply_topic_alias(conn: &mut Conn, publish: &mut Publish) {
-    let props = publish
-        .properties
-        .get_or_insert_with(PublishProperties::default);
-    let max = conn.client_alias_max as usize;
-    let aliases = &mut conn.aliases().outbound;
-    if let Some(&alias) = aliases.get(&publish.topic) {
-        props.topic_alias = Some(alias);
-        publish.topic = Bytes::new();
-    } else if aliases.len() < max {
-        let alias = aliases.len() as u16 + 1;
-        aliases.insert(Bytes::copy_from_slice(&publish.topic), alias);
-        props.topic_alias = Some(alias);
-    } else if is_empty_props(props) && props.subscription_identifiers.is_empty() {
-        publish.properties = None;
-    }
 }
