@@ -7,7 +7,9 @@
 //!
 //! Layout: [`conn`] per-connection state, [`session`] per-client-id state, [`message`] the
 //! routed message; the packet handlers are split by concern into `connect.rs`,
-//! `publish.rs` (inbound PUBLISH, routing, delivery, acks) and `subscribe.rs`.
+//! `publish.rs` (inbound PUBLISH, retained, wills, routing), `deliver.rs` (to one session:
+//! window, queue, redelivery, acks) and `subscribe.rs`; `cluster_io.rs` is what other
+//! workers tell this one, `handover.rs` sessions moving to a successor, `sys.rs` `$SYS`.
 
 mod cluster_io;
 mod conn;
