@@ -1,13 +1,20 @@
 //! `mqttd-bench`: load generator for mqttd (and any MQTT 3.1.1/5.0 broker).
 //!
-//! Scenarios:
-//! * `pubsub` — N publisher/subscriber pairs on one thread; msgs/s, latency
-//!   percentiles, delivery check, broker CPU per message.
-//! * `idle` — many idle connections spread over child processes; broker
-//!   RSS per connection.
+//! Scenarios (subcommands):
+//! * `conns` — open N connections at R/s and hold them; connect rate,
+//!   CONNECT→CONNACK latency, failures by reason. Spreads itself over child
+//!   processes and loopback source addresses (fd and port limits).
+//! * `storm` — connect/disconnect churn; cycles/s, latency, failures.
+//! * `pairs` (alias `pubsub`), `fanin`, `fanout` — publish/subscribe
+//!   throughput, publish→deliver latency, loss and duplicates, QoS 0/1/2.
+//! * `retained` — M retained topics, K wildcard subscribers.
+//! * `idle` — broker memory per idle connection (older, kept for its docs).
 //!
-//! Every scenario prints a human table followed by one JSON line.
+//! Each prints a table plus one JSON line, or with `--json` only one JSON
+//! object; `--compare HOST:PORT` reruns against a second broker and prints
+//! ratios. Transport is TCP only: mqttd has no TLS or QUIC listener yet.
 
+mod capacity;
 mod procfs;
 mod report;
 mod scenarios;
@@ -24,20 +31,43 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Throughput and latency with N publisher -> subscriber pairs, one thread.
-    Pubsub(scenarios::pubsub::PubSubArgs),
+    /// Open N connections at R/s, hold them; connect rate, latency, failures.
+    Conns(scenarios::conns::ConnsArgs),
+    /// Internal: child process of `conns`.
+    #[command(hide = true)]
+    ConnsWorker(scenarios::conns::ConnsWorkerArgs),
+    /// Connect/disconnect churn: N clients loop CONNECT -> CONNACK -> DISCONNECT.
+    Storm(scenarios::storm::StormArgs),
+    /// N publisher -> subscriber pairs on distinct topics (one thread).
+    #[command(visible_alias = "pubsub")]
+    Pairs(scenarios::flows::FlowArgs),
+    /// N publishers -> 1 subscriber on one topic.
+    Fanin(scenarios::flows::FlowArgs),
+    /// 1 publisher -> N subscribers on one topic.
+    Fanout(scenarios::flows::FlowArgs),
+    /// M retained topics, then K wildcard subscribers count what they get.
+    Retained(scenarios::retained::RetainedArgs),
     /// Broker memory per idle connection.
     Idle(scenarios::idle::IdleArgs),
     /// Internal: child process of `idle`.
     #[command(hide = true)]
     IdleWorker(scenarios::idle::IdleWorkerArgs),
+    /// Measure per-unit costs on a running broker and project the target box's limits.
+    Capacity(capacity::CapacityArgs),
 }
 
 fn main() {
     let result = match Cli::parse().cmd {
-        Cmd::Pubsub(a) => scenarios::pubsub::run(a),
+        Cmd::Conns(a) => scenarios::conns::run(a),
+        Cmd::ConnsWorker(a) => scenarios::conns::run_worker(a),
+        Cmd::Storm(a) => scenarios::storm::run(a),
+        Cmd::Pairs(a) => scenarios::flows::run(scenarios::flows::Shape::Pairs, a),
+        Cmd::Fanin(a) => scenarios::flows::run(scenarios::flows::Shape::Fanin, a),
+        Cmd::Fanout(a) => scenarios::flows::run(scenarios::flows::Shape::Fanout, a),
+        Cmd::Retained(a) => scenarios::retained::run(a),
         Cmd::Idle(a) => scenarios::idle::run(a),
         Cmd::IdleWorker(a) => scenarios::idle::run_worker(a),
+        Cmd::Capacity(a) => capacity::run(a),
     };
     if let Err(e) = result {
         eprintln!("mqttd-bench: error: {e:#}");

@@ -98,3 +98,93 @@ pub fn raise_nofile_limit() -> u64 {
     }
     lim.rlim_cur
 }
+
+/// The pid and all its descendants (mqttd runs a supervisor with worker
+/// children; broker cost is the sum over the tree). Found by scanning
+/// `/proc/*/stat` for parent pids, so it works without CONFIG_PROC_CHILDREN.
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut parent_of: Vec<(u32, u32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u32>().ok());
+            if let Some(pp) = ppid {
+                parent_of.push((p, pp));
+            }
+        }
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let cur = tree[i];
+        tree.extend(
+            parent_of
+                .iter()
+                .filter(|(_, pp)| *pp == cur)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    tree
+}
+
+/// Open file descriptors of a process (entries of `/proc/PID/fd`).
+pub fn fd_count(pid: u32) -> Result<u64> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("reading /proc/{pid}/fd"))?
+        .count() as u64)
+}
+
+/// Broker figures summed over a process and its descendants.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct TreeSample {
+    pub processes: usize,
+    pub cpu_s: f64,
+    pub rss_bytes: u64,
+    pub fds: u64,
+}
+
+/// Sample CPU seconds, RSS and fds over `pid` and its children. Fails only
+/// when `pid` itself is gone; vanished children are skipped.
+pub fn tree_sample(pid: u32) -> Result<TreeSample> {
+    cpu_seconds(pid)?;
+    let mut s = TreeSample::default();
+    for p in process_tree(pid) {
+        if let (Ok(c), Ok(r)) = (cpu_seconds(p), rss_bytes(p)) {
+            s.processes += 1;
+            s.cpu_s += c;
+            s.rss_bytes += r;
+            s.fds += fd_count(p).unwrap_or(0);
+        }
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_tree_includes_children() {
+        let me = std::process::id();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let tree = process_tree(me);
+        assert_eq!(tree[0], me);
+        assert!(tree.contains(&child.id()));
+        let s = tree_sample(me).unwrap();
+        assert!(s.processes >= 2 && s.rss_bytes > 0 && s.fds > 0);
+        child.kill().unwrap();
+        let _ = child.wait();
+    }
+}

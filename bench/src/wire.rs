@@ -1,6 +1,9 @@
 //! Minimal hand-rolled MQTT 3.1.1 (protocol level 4) and 5.0 (level 5) wire
 //! encoding for the load generator.
 //!
+//! QoS 2 is covered both ways (PUBREC/PUBREL/PUBCOMP encoders; the acks share
+//! [`decode_puback`]'s layout), as is the PUBLISH retain flag.
+//!
 //! Only what the benchmark needs is here: encoders for CONNECT, SUBSCRIBE,
 //! PUBLISH, PUBACK and PINGREQ that append straight into a caller-owned,
 //! reused [`BytesMut`] (so no allocation per message and many packets can be
@@ -16,6 +19,9 @@ use bytes::{BufMut, BytesMut};
 pub const CONNACK: u8 = 2;
 pub const PUBLISH: u8 = 3;
 pub const PUBACK: u8 = 4;
+pub const PUBREC: u8 = 5;
+pub const PUBREL: u8 = 6;
+pub const PUBCOMP: u8 = 7;
 pub const SUBACK: u8 = 9;
 pub const DISCONNECT: u8 = 14;
 
@@ -159,8 +165,22 @@ pub fn encode_publish_header(
     pkid: u16,
     payload_len: usize,
 ) {
+    encode_publish_header_flags(buf, proto, topic, qos, false, pkid, payload_len);
+}
+
+/// [`encode_publish_header`] with the retain flag.
+#[inline]
+pub fn encode_publish_header_flags(
+    buf: &mut BytesMut,
+    proto: Protocol,
+    topic: &[u8],
+    qos: u8,
+    retain: bool,
+    pkid: u16,
+    payload_len: usize,
+) {
     let remaining = publish_remaining(proto, topic.len(), qos, payload_len);
-    buf.put_u8(0x30 | ((qos & 0x03) << 1));
+    buf.put_u8(0x30 | ((qos & 0x03) << 1) | u8::from(retain));
     put_varint(buf, remaining);
     put_str(buf, topic);
     if qos > 0 {
@@ -191,6 +211,30 @@ pub fn encode_publish(
 #[inline]
 pub fn encode_puback(buf: &mut BytesMut, pkid: u16) {
     buf.put_u8(0x40);
+    buf.put_u8(2);
+    buf.put_u16(pkid);
+}
+
+/// Append a PUBREC (QoS 2 receiver, step 1).
+#[inline]
+pub fn encode_pubrec(buf: &mut BytesMut, pkid: u16) {
+    buf.put_u8(0x50);
+    buf.put_u8(2);
+    buf.put_u16(pkid);
+}
+
+/// Append a PUBREL (QoS 2 sender, step 2; fixed-header flags must be 0b0010).
+#[inline]
+pub fn encode_pubrel(buf: &mut BytesMut, pkid: u16) {
+    buf.put_u8(0x62);
+    buf.put_u8(2);
+    buf.put_u16(pkid);
+}
+
+/// Append a PUBCOMP (QoS 2 receiver, step 3).
+#[inline]
+pub fn encode_pubcomp(buf: &mut BytesMut, pkid: u16) {
+    buf.put_u8(0x70);
     buf.put_u8(2);
     buf.put_u16(pkid);
 }
@@ -295,6 +339,7 @@ fn read_varint(b: &[u8], at: usize) -> Result<(usize, usize), WireError> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct PublishRef<'a> {
     pub qos: u8,
+    pub retain: bool,
     pub pkid: u16,
     pub topic: &'a [u8],
     pub payload: &'a [u8],
@@ -328,6 +373,7 @@ pub fn decode_publish(
     }
     Ok(PublishRef {
         qos,
+        retain: header & 1 == 1,
         pkid,
         topic,
         payload: &body[at..],
@@ -437,6 +483,9 @@ mod tests {
         encode_publish(&mut buf, Protocol::V4, b"bench/7", 1, 42, b"hello world");
         encode_publish(&mut buf, Protocol::V4, b"bench/7", 0, 0, &[0u8; 200]);
         encode_puback(&mut buf, 42);
+        encode_pubrec(&mut buf, 43);
+        encode_pubrel(&mut buf, 43);
+        encode_pubcomp(&mut buf, 43);
         encode_pingreq(&mut buf);
 
         match read_v4(&mut buf) {
@@ -473,6 +522,9 @@ mod tests {
             p => panic!("expected PUBLISH, got {p:?}"),
         }
         assert_eq!(read_v4(&mut buf), v4::Packet::PubAck(v4::PubAck::new(42)));
+        assert_eq!(read_v4(&mut buf), v4::Packet::PubRec(v4::PubRec::new(43)));
+        assert_eq!(read_v4(&mut buf), v4::Packet::PubRel(v4::PubRel::new(43)));
+        assert_eq!(read_v4(&mut buf), v4::Packet::PubComp(v4::PubComp::new(43)));
         assert_eq!(read_v4(&mut buf), v4::Packet::PingReq);
         assert!(buf.is_empty());
     }

@@ -1,9 +1,18 @@
-//! Load scenarios plus the small connection toolkit they share: a reusable
-//! read buffer with a frame cursor, and the CONNECT/CONNACK and
-//! SUBSCRIBE/SUBACK handshakes done over a raw non-blocking socket.
+//! Load scenarios plus the small connection toolkit they share: the options
+//! every scenario takes ([`Common`]), the transport seam ([`Transport`]), a
+//! reusable read buffer with a frame cursor, the CONNECT/CONNACK and
+//! SUBSCRIBE/SUBACK handshakes done over a raw non-blocking socket, failure
+//! classification for connect figures, and the `--compare` driver.
+//!
+//! Scenarios: `conns` (+ its child-process mode, see [`conns`]), `storm`,
+//! `pairs`/`fanin`/`fanout` (one engine, [`flows`]), `retained`, and the older
+//! `idle`.
 
+pub mod conns;
+pub mod flows;
 pub mod idle;
-pub mod pubsub;
+pub mod retained;
+pub mod storm;
 
 use crate::wire::{self, Protocol};
 use anyhow::{bail, Context, Result};
@@ -73,7 +82,7 @@ impl ReadBuf {
     #[inline]
     pub fn try_read_from(&mut self, s: &TcpStream) -> Result<bool> {
         match s.try_read(self.spare()) {
-            Ok(0) => bail!("connection closed by broker"),
+            Ok(0) => Err(closed().into()),
             Ok(n) => {
                 self.filled(n);
                 Ok(true)
@@ -86,11 +95,19 @@ impl ReadBuf {
     async fn read_more(&mut self, s: &mut TcpStream) -> Result<()> {
         let n = s.read(self.spare()).await?;
         if n == 0 {
-            bail!("connection closed by broker");
+            return Err(closed().into());
         }
         self.filled(n);
         Ok(())
     }
+}
+
+/// The broker closed the connection (classified as "reset").
+fn closed() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "connection closed by broker",
+    )
 }
 
 /// Open a TCP connection, optionally from a specific source address.
@@ -154,7 +171,11 @@ pub async fn mqtt_connect(
             (Protocol::V4, 5) | (Protocol::V5, 0x87) => " (not authorized)",
             _ => "",
         };
-        bail!("CONNACK refused with code {:#x}{why}", ack.code);
+        return Err(ConnackRefused {
+            code: ack.code,
+            why,
+        }
+        .into());
     }
     Ok(ack.receive_maximum)
 }
@@ -190,4 +211,264 @@ pub fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
         .to_socket_addrs()?
         .next()
         .with_context(|| format!("cannot resolve {host}"))
+}
+
+/// A CONNACK with a non-zero return / reason code.
+#[derive(Debug)]
+pub struct ConnackRefused {
+    pub code: u8,
+    pub why: &'static str,
+}
+
+impl std::fmt::Display for ConnackRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CONNACK refused with code {:#x}{}", self.code, self.why)
+    }
+}
+
+impl std::error::Error for ConnackRefused {}
+
+/// Failure reason of a connection attempt, as counted by `conns` / `storm`:
+/// `refused` (RST to SYN: nothing listening, backlog full), `reset` (closed
+/// or reset after accept), `timeout` (no CONNACK in time), `connack_0xNN`
+/// (broker said no), `addr_in_use` / `addr_not_available` (source ports
+/// exhausted), `fd_limit`, otherwise `io_<kind>` / `other`.
+pub fn classify(e: &anyhow::Error) -> String {
+    if let Some(c) = e.downcast_ref::<ConnackRefused>() {
+        return format!("connack_{:#04x}", c.code);
+    }
+    if e.downcast_ref::<tokio::time::error::Elapsed>().is_some() {
+        return "timeout".into();
+    }
+    for cause in e.chain() {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            if io.raw_os_error() == Some(libc::EMFILE) || io.raw_os_error() == Some(libc::ENFILE) {
+                return "fd_limit".into();
+            }
+            return match io.kind() {
+                K::ConnectionRefused => "refused".into(),
+                K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
+                    "reset".into()
+                }
+                K::TimedOut => "timeout".into(),
+                K::AddrInUse => "addr_in_use".into(),
+                K::AddrNotAvailable => "addr_not_available".into(),
+                k => format!("io_{k:?}").to_lowercase(),
+            };
+        }
+    }
+    "other".into()
+}
+
+/// How connections reach the broker. Only TCP exists today: the broker has
+/// no TLS or QUIC listener yet. New variants plug in here (and in
+/// [`Transport::connect`]); the scenarios only call `connect`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Plain MQTT over TCP.
+    #[default]
+    Tcp,
+}
+
+/// A connected byte stream to the broker (today always TCP).
+pub type Conn = TcpStream;
+
+impl Transport {
+    /// Connect, optionally from a given source address (bound before connect).
+    pub async fn connect(self, addr: SocketAddr, bind: Option<IpAddr>) -> Result<Conn> {
+        match self {
+            Transport::Tcp => tcp_connect(addr, bind).await,
+        }
+    }
+}
+
+/// Options every scenario takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Common {
+    /// Broker host.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Broker port.
+    #[arg(long, default_value_t = 1883)]
+    pub port: u16,
+    /// MQTT protocol level: 4 (3.1.1) or 5 (5.0).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(4..=5))]
+    pub protocol: u8,
+    /// Transport. Only `tcp` for now: mqttd has no TLS or QUIC listener yet,
+    /// so those are not offered (rather than faked).
+    #[arg(long, value_enum, default_value_t = Transport::Tcp)]
+    pub transport: Transport,
+    /// Broker PID: report CPU, RSS and open fds from /proc, summed over this
+    /// process and its descendants (mqttd's supervisor and its workers).
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
+    /// Print only one JSON object on stdout (no table).
+    #[arg(long)]
+    pub json: bool,
+    /// Run the same scenario against a second broker right after, and print
+    /// both plus the ratio of the headline figures (A = --host/--port).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub compare: Option<String>,
+    /// PID of the --compare broker, for its /proc figures.
+    #[arg(long)]
+    pub compare_pid: Option<u32>,
+    /// Keep-alive sent in CONNECT (seconds).
+    #[arg(long, default_value_t = 600)]
+    pub keepalive: u16,
+    /// Progress bar on stderr: auto (when stderr is a terminal), always, never.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgressMode {
+    Auto,
+    Always,
+    Never,
+}
+
+impl Common {
+    pub fn target(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// A progress bar (or a hidden one): length `len`, `msg` prefix.
+    pub fn bar(&self, len: u64, what: &str) -> indicatif::ProgressBar {
+        use std::io::IsTerminal;
+        let show = match self.progress {
+            ProgressMode::Always => true,
+            ProgressMode::Never => false,
+            ProgressMode::Auto => std::io::stderr().is_terminal(),
+        };
+        if !show {
+            return indicatif::ProgressBar::hidden();
+        }
+        let pb = indicatif::ProgressBar::with_draw_target(
+            Some(len),
+            indicatif::ProgressDrawTarget::stderr_with_hz(4),
+        );
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",
+            )
+            .expect("valid template"),
+        );
+        pb.set_prefix(what.to_string());
+        pb
+    }
+}
+
+/// Run `f` against the primary target and, with `--compare`, against the
+/// second one, then print (table / JSON / comparison).
+pub fn run_and_print<R: crate::report::Report>(
+    common: &Common,
+    mut f: impl FnMut(&Common) -> Result<R>,
+) -> Result<()> {
+    let a = f(common)?;
+    match &common.compare {
+        None => crate::report::print_report(&a, common.json),
+        Some(hp) => {
+            let (host, port) = hp
+                .rsplit_once(':')
+                .with_context(|| format!("--compare wants HOST:PORT, got {hp:?}"))?;
+            let mut second = common.clone();
+            second.host = host.trim_matches(['[', ']']).to_string();
+            second.port = port.parse().context("--compare port")?;
+            second.broker_pid = common.compare_pid;
+            second.compare = None;
+            let b = f(&second)?;
+            crate::report::print_compare(&a, &b, &common.target(), &second.target(), common.json);
+        }
+    }
+    Ok(())
+}
+
+/// Sample the broker tree if a pid was given.
+pub fn broker_sample(pid: Option<u32>) -> Result<Option<crate::procfs::TreeSample>> {
+    pid.map(crate::procfs::tree_sample).transpose()
+}
+
+/// Source address for connection `k` when spreading over `n` loopback
+/// addresses 127.0.0.1 .. 127.0.0.n (None = let the kernel choose).
+pub fn source_addr(target: SocketAddr, n: usize, k: usize) -> Option<IpAddr> {
+    (n > 0 && target.ip().is_loopback() && target.is_ipv4())
+        .then(|| IpAddr::from([127, 0, 0, (1 + k % n.min(254)) as u8]))
+}
+
+/// Payload header every publishing scenario writes: send time (ns since the
+/// generator started), per-publisher sequence number, publisher index.
+pub const PAYLOAD_HEADER: usize = 20;
+
+pub fn put_payload_header(buf: &mut BytesMut, ts: u64, seq: u64, publisher: u32) {
+    use bytes::BufMut;
+    buf.put_u64(ts);
+    buf.put_u64(seq);
+    buf.put_u32(publisher);
+}
+
+/// (timestamp, seq, publisher) from a payload written by [`put_payload_header`].
+#[inline]
+pub fn parse_payload_header(p: &[u8]) -> Option<(u64, u64, u32)> {
+    if p.len() < PAYLOAD_HEADER {
+        return None;
+    }
+    Some((
+        u64::from_be_bytes(p[0..8].try_into().ok()?),
+        u64::from_be_bytes(p[8..16].try_into().ok()?),
+        u32::from_be_bytes(p[16..20].try_into().ok()?),
+    ))
+}
+
+static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// Nanoseconds since the generator started (payload timestamps; one process
+/// publishes and receives, so one clock).
+#[inline]
+pub fn nanos_now() -> u64 {
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_header_round_trip() {
+        let mut b = BytesMut::new();
+        put_payload_header(&mut b, 123_456_789, 42, 7);
+        b.extend_from_slice(&[0; 10]);
+        assert_eq!(parse_payload_header(&b), Some((123_456_789, 42, 7)));
+        assert_eq!(parse_payload_header(&b[..19]), None);
+    }
+
+    #[test]
+    fn failure_classes() {
+        let io = |k| anyhow::Error::from(std::io::Error::from(k));
+        use std::io::ErrorKind as K;
+        assert_eq!(classify(&io(K::ConnectionRefused)), "refused");
+        assert_eq!(classify(&io(K::ConnectionReset)), "reset");
+        assert_eq!(classify(&closed().into()), "reset");
+        assert_eq!(classify(&io(K::AddrNotAvailable)), "addr_not_available");
+        let c: anyhow::Error = ConnackRefused {
+            code: 0x87,
+            why: "",
+        }
+        .into();
+        assert_eq!(classify(&c.context("connecting")), "connack_0x87");
+        assert_eq!(classify(&anyhow::anyhow!("weird")), "other");
+    }
+
+    #[test]
+    fn source_addresses_only_for_loopback() {
+        let lo: SocketAddr = "127.0.0.1:1883".parse().unwrap();
+        let remote: SocketAddr = "10.0.0.1:1883".parse().unwrap();
+        assert_eq!(source_addr(lo, 3, 4), Some(IpAddr::from([127, 0, 0, 2])));
+        assert_eq!(source_addr(lo, 0, 4), None);
+        assert_eq!(source_addr(remote, 3, 4), None);
+    }
 }
