@@ -531,8 +531,7 @@ async fn connect_one(
         TcpSocket::new_v6()?
     };
     if let Some(ip) = bind {
-        sock.bind(SocketAddr::new(ip, 0))
-            .with_context(|| format!("bind {ip}"))?;
+        crate::scenarios::bind_source(&sock, ip)?;
     }
     let mut s = sock.connect(addr).await?;
     s.set_nodelay(true)?;

@@ -110,6 +110,34 @@ fn closed() -> std::io::Error {
     )
 }
 
+/// Binds `sock` to source address `ip`, leaving the port to `connect`.
+///
+/// With a plain `bind(ip:0)` the kernel must find a port unused by *any* socket on that
+/// address at bind time; once tens of thousands are taken (and more sit in TIME_WAIT from
+/// earlier runs) that search slows and SYNs start colliding, which showed up as a
+/// multi-second connect tail at 150k connections. `IP_BIND_ADDRESS_NO_PORT` defers the
+/// choice to `connect`, which only needs the 4-tuple to be unique.
+pub fn bind_source(sock: &TcpSocket, ip: IpAddr) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("IP_BIND_ADDRESS_NO_PORT");
+    }
+    // Port 0: the kernel picks the port when connecting.
+    sock.bind(SocketAddr::new(ip, 0))
+        .with_context(|| format!("bind {ip}"))
+}
+
 /// Open a TCP connection, optionally from a specific source address.
 pub async fn tcp_connect(addr: SocketAddr, bind: Option<IpAddr>) -> Result<TcpStream> {
     let stream = match bind {
@@ -120,9 +148,7 @@ pub async fn tcp_connect(addr: SocketAddr, bind: Option<IpAddr>) -> Result<TcpSt
             } else {
                 TcpSocket::new_v6()?
             };
-            // Port 0: the kernel picks a free port on that source address.
-            sock.bind(SocketAddr::new(ip, 0))
-                .with_context(|| format!("bind {ip}"))?;
+            bind_source(&sock, ip)?;
             sock.connect(addr).await?
         }
     };
