@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::clients::{payload_str, v4, v5};
+use common::procs::worker_pids;
 use common::Broker;
 use mqttd_broker::cluster::home_worker;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -192,44 +193,6 @@ impl SysWatch {
 // ------------------------------------------------------------------------------------------
 // The process tree, from /proc
 // ------------------------------------------------------------------------------------------
-
-/// (state, parent pid) from /proc/PID/stat; None if the process is gone.
-fn stat(pid: u32) -> Option<(char, u32)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 2..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    Some((state, ppid))
-}
-
-/// `--worker-index` from a process's command line.
-fn worker_index(pid: u32) -> Option<u16> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<String> = raw
-        .split(|&b| b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    let at = args.iter().rposition(|a| a == "--worker-index")?;
-    args.get(at + 1)?.parse().ok()
-}
-
-/// Live worker processes of the supervisor `parent`: (worker index, pid).
-fn worker_pids(parent: u32) -> Vec<(u16, u32)> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if stat(pid).is_some_and(|(state, ppid)| ppid == parent && state != 'Z') {
-            if let Some(index) = worker_index(pid) {
-                found.push((index, pid));
-            }
-        }
-    }
-    found.sort();
-    found
-}
 
 async fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + SLOW_DEADLINE;

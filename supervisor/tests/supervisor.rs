@@ -11,55 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::procs::{alive, children, flag};
 use common::raw::{body, client_id, connect, hex, split_packets, End, Raw, V};
 use common::Broker;
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-/// Live (non-zombie) child processes of `parent`.
-fn children(parent: u32) -> BTreeSet<u32> {
-    let mut pids = BTreeSet::new();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Some((state, ppid)) = stat(pid) {
-            if ppid == parent && state != 'Z' {
-                pids.insert(pid);
-            }
-        }
-    }
-    pids
-}
-
-/// (state, parent pid) from /proc/PID/stat; None if the process is gone.
-fn stat(pid: u32) -> Option<(char, u32)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) S ppid ...": comm may hold spaces, so split after its closing paren.
-    let rest = &text[text.rfind(')')? + 2..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    Some((state, ppid))
-}
-
-fn alive(pid: u32) -> bool {
-    stat(pid).is_some_and(|(state, _)| state != 'Z')
-}
-
-fn cmdline(pid: u32) -> Vec<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    raw.split(|&b| b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect()
-}
-
-fn flag(pid: u32, name: &str) -> Option<String> {
-    let args = cmdline(pid);
-    let at = args.iter().rposition(|a| a == name)?;
-    args.get(at + 1).cloned()
-}
 
 /// Polls `probe` until it returns Some, panicking with `what` after [`DEADLINE`].
 fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {

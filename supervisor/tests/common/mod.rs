@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod clients;
+pub mod procs;
 
 /// A running broker process. Dropping it stops the process and checks it had not died.
 pub struct Broker {
