@@ -240,9 +240,15 @@ impl Engine {
             self.deliver_to_shared_group(group, filter, msg, now);
         }
         shared.retain(|(w, ..)| *w != me);
-        if !plain_workers.is_empty() || !shared.is_empty() {
-            plain_workers.sort_unstable();
-            plain_workers.dedup();
+        plain_workers.sort_unstable();
+        plain_workers.dedup();
+        if shared.is_empty() {
+            // The common case: plain routes only, one frame per worker, nothing allocated.
+            for &worker in &plain_workers {
+                self.stats.forwarded += 1;
+                self.cluster.forward(worker, msg, true, &[]);
+            }
+        } else {
             let mut workers: Vec<u16> = plain_workers
                 .iter()
                 .copied()
