@@ -9,7 +9,9 @@ B=target/release/mqttd-bench
 ulimit -n 20000
 OUT=$(mktemp)
 start_mqttd() {
-  target/release/mqttd --bind 127.0.0.1:0 --log-level warn > "$OUT" 2>/dev/null & BP=$!
+  # Publishers up to 1000 messages ahead need more than the 20 KB per-connection model;
+  # the peers have no per-connection byte budget, so neither does mqttd here.
+  target/release/mqttd --bind 127.0.0.1:0 --log-level warn --set metrics.bind=\"127.0.0.1:0\" ${MQTTD_ARGS:---set limits.connection_memory_budget=1048576} > "$OUT" 2>/dev/null & BP=$!
   until grep -q listening "$OUT"; do sleep 0.1; done
   PORT=$(awk '{print $4}' "$OUT" | cut -d: -f2)
 }

@@ -20,7 +20,9 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 start() { # sets PORT, SP (pid to kill), PIDS (processes whose CPU counts)
   case $1 in
     mqttd:*)
-      target/release/mqttd --bind 127.0.0.1:0 --workers "${1#mqttd:}" --log-level warn > "$TMP/out" 2>/dev/null & SP=$!
+      # Publishers up to 1000 messages ahead need more than the 20 KB per-connection model;
+      # the peers have no per-connection byte budget, so neither does mqttd here.
+      target/release/mqttd --bind 127.0.0.1:0 --workers "${1#mqttd:}" --log-level warn --set metrics.bind=\"127.0.0.1:0\" ${MQTTD_ARGS:---set limits.connection_memory_budget=1048576} > "$TMP/out" 2>/dev/null & SP=$!
       until grep -q listening "$TMP/out"; do sleep 0.1; done
       PORT=$(awk '{print $4}' "$TMP/out" | cut -d: -f2); PIDS="$SP $(pgrep -P $SP | paste -sd' ')";;
     mosquitto)

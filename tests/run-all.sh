@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # The whole test suite: Rust unit, property and integration tests (rumqttc against the real
 # mqttd binary, raw malformed-input tests, supervisor and cluster tests), then the interop
-# suite with clients we did not write (paho-mqtt, mosquitto_pub/sub); then the client suites
-# again against 4 worker processes. Installs the clients first if they are missing.
+# suite with clients we did not write (paho-mqtt, mosquitto_pub/sub, an aioquic
+# MQTT-over-QUIC client); then the client suites again against 4 worker processes.
+# Installs the clients (and promtool) first if they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v mosquitto_pub >/dev/null || need_apt+=(mosquitto-clients)
 command -v mosquitto >/dev/null || need_apt+=(mosquitto)
+# promtool checks configs/*.yml; no recommends: they pull node_exporter, which wants :9100.
+command -v promtool >/dev/null || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-python3 -c 'import paho.mqtt, pytest' 2>/dev/null || python3 -m pip install -q -r tests/requirements.txt
+python3 -c 'import paho.mqtt, pytest, aioquic' 2>/dev/null || python3 -m pip install -q -r tests/requirements.txt
 
 cargo build --workspace --bins
-cargo test --workspace
+# The metrics tests check configs/ with promtool: fail rather than skip if it is missing.
+MQTTD_REQUIRE_PROMTOOL=1 cargo test --workspace
 python3 -m pytest tests/interop -q
 # The foundation's suites again, unchanged, against a broker of 4 worker processes.
 MQTTD_TEST_WORKERS=4 cargo test -p mqttd-supervisor --test v311 --test v5 --test ordering --test malformed

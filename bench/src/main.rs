@@ -9,10 +9,12 @@
 //!   throughput, publish→deliver latency, loss and duplicates, QoS 0/1/2.
 //! * `retained` — M retained topics, K wildcard subscribers.
 //! * `idle` — broker memory per idle connection (older, kept for its docs).
+//! * `quic-conns`, `quic-pairs` — MQTT over QUIC (quinn client): handshakes/s, RSS per idle
+//!   QUIC connection, pairs throughput over QUIC vs TCP with the same client code.
 //!
 //! Each prints a table plus one JSON line, or with `--json` only one JSON
 //! object; `--compare HOST:PORT` reruns against a second broker and prints
-//! ratios. Transport is TCP only: mqttd has no TLS or QUIC listener yet.
+//! ratios. The scenarios above speak TCP; QUIC has its own two (below).
 
 mod capacity;
 mod procfs;
@@ -54,6 +56,10 @@ enum Cmd {
     IdleWorker(scenarios::idle::IdleWorkerArgs),
     /// Measure per-unit costs on a running broker and project the target box's limits.
     Capacity(capacity::CapacityArgs),
+    /// MQTT over QUIC: handshakes/s, per broker CPU-second, broker RSS per idle connection.
+    QuicConns(scenarios::quic::QuicConnsArgs),
+    /// Publisher -> subscriber pairs over QUIC or TCP with the same client code.
+    QuicPairs(scenarios::quic::QuicPairsArgs),
 }
 
 fn main() {
@@ -68,6 +74,8 @@ fn main() {
         Cmd::Idle(a) => scenarios::idle::run(a),
         Cmd::IdleWorker(a) => scenarios::idle::run_worker(a),
         Cmd::Capacity(a) => capacity::run(a),
+        Cmd::QuicConns(a) => scenarios::quic::run_conns(a),
+        Cmd::QuicPairs(a) => scenarios::quic::run_pairs(a),
     };
     if let Err(e) = result {
         eprintln!("mqttd-bench: error: {e:#}");

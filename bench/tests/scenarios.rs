@@ -45,6 +45,14 @@ fn start_broker() -> Option<Broker> {
             "2",
             "--log-level",
             "warn",
+            "--set",
+            "metrics.bind=\"127.0.0.1:0\"",
+            "--set",
+            "quic.bind=\"127.0.0.1:0\"",
+            // Publishers up to 200 messages ahead (--max-lead) hold more than the 20 KB
+            // per-connection model: these tests check the generator's counts, not the budget.
+            "--set",
+            "limits.connection_memory_budget=1048576",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -12,6 +12,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
+mod quic;
+pub use quic::{Congestion, QuicConfig};
+
 /// Everything a worker needs to know. `Default` is the embedded, no-outside-service setup.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -21,6 +24,8 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub cluster: ClusterConfig,
     pub log: LogConfig,
+    pub metrics: crate::metrics::MetricsConfig,
+    pub quic: QuicConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -79,6 +84,39 @@ pub struct Limits {
     pub connect_timeout_secs: u64,
     /// Retained messages kept by the broker; a new topic beyond it is refused.
     pub max_retained_messages: usize,
+    /// Connections the whole broker (all workers) accepts; 0 = only the per-worker limit.
+    pub max_connections: usize,
+    /// Bytes one connection may hold (buffers, inflight and queued messages, session,
+    /// subscriptions, aliases); the 20 KB capacity model by default. Over it, QoS 0 messages
+    /// to a connection that is not draining are dropped, and a connection still over it at
+    /// two ticks in a row is disconnected as a slow consumer. 0 = no budget.
+    pub connection_memory_budget: usize,
+    /// Resident memory of one worker above which new connections are refused; 0 = off.
+    pub memory_high_watermark_bytes: u64,
+    /// PUBLISH packets per second one client may send (token bucket); 0 = unlimited.
+    pub publish_rate: u32,
+    /// PUBLISH packets a client may send at once before `publish_rate` applies.
+    pub publish_burst: u32,
+    /// PUBLISH payload bytes per second one client may send; 0 = unlimited.
+    pub publish_bytes_rate: u32,
+    /// Payload bytes a client may send at once before `publish_bytes_rate` applies.
+    pub publish_bytes_burst: u32,
+    /// What happens to a client over its publish rate.
+    pub rate_limit_action: RateLimitAction,
+    /// New connections per second from one IP address, over the whole broker; 0 = unlimited.
+    pub connect_rate_per_ip: u32,
+    /// Connections one IP address may open at once before `connect_rate_per_ip` applies.
+    pub connect_burst_per_ip: u32,
+}
+
+/// The answer to a client publishing faster than its rate limit.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitAction {
+    /// Stop reading from the client until its bucket refills (TCP pushes back on it).
+    Throttle,
+    /// Close the connection (v5: DISCONNECT 0x96 Message rate too high).
+    Disconnect,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -133,6 +171,16 @@ impl Default for Limits {
             max_session_expiry_secs: u32::MAX,
             connect_timeout_secs: 10,
             max_retained_messages: 1_000_000,
+            max_connections: 0,
+            connection_memory_budget: 20 * 1024,
+            memory_high_watermark_bytes: 0,
+            publish_rate: 0,
+            publish_burst: 100,
+            publish_bytes_rate: 0,
+            publish_bytes_burst: 1024 * 1024,
+            rate_limit_action: RateLimitAction::Throttle,
+            connect_rate_per_ip: 0,
+            connect_burst_per_ip: 100,
         }
     }
 }
@@ -219,6 +267,7 @@ impl Config {
         if self.limits.max_packet_size < 64 {
             bail!("limits.max_packet_size must be at least 64 bytes");
         }
+        self.quic.validate()?;
         Ok(())
     }
 }

@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod protocol;
 pub mod router;
 pub mod transport;

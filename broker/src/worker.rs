@@ -17,13 +17,26 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::cluster::{mesh, Standalone, WorkerIdentity};
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::transport::quic;
 use crate::transport::tcp::TcpReactor;
 
 /// How long a draining worker may spend handing its sessions to its successor.
 const HANDOVER_DEADLINE: Duration = Duration::from_secs(5);
 
+/// Sockets the supervisor owns for this worker's slot: they outlive this process, so
+/// connections queued on them during a restart wait for the successor instead of being
+/// reset. A socket not given is bound by the worker itself.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    pub tcp: Option<std::net::TcpListener>,
+    /// The slot's UDP socket for QUIC.
+    pub udp: Option<std::net::UdpSocket>,
+}
+
 pub struct Worker {
     tcp: std::net::TcpListener,
+    /// MQTT over QUIC, when `quic.enabled`.
+    quic: Option<quic::Driver>,
     engine: Rc<RefCell<Engine>>,
     identity: Option<WorkerIdentity>,
 }
@@ -32,18 +45,25 @@ impl Worker {
     /// Binds the listeners. Must be called inside the worker's `LocalSet`. `identity` is
     /// `None` for a broker of one worker, or this worker's place among its peers.
     ///
-    /// `inherited` is a listening socket the supervisor owns for this worker's slot: it
-    /// outlives this process, so connections queued on it during a restart wait for the
-    /// successor instead of being reset. Without it, the worker binds its own.
+    /// `inherited`: the sockets the supervisor passed down (see [`Inherited`]).
     pub async fn bind(
         config: Config,
         identity: Option<WorkerIdentity>,
-        inherited: Option<std::net::TcpListener>,
+        inherited: Inherited,
     ) -> anyhow::Result<Worker> {
-        let tcp = match inherited {
+        let tcp = match inherited.tcp {
             Some(listener) => listener,
             None => bind_tcp(config.listener.tcp, config.listener.backlog)
                 .with_context(|| format!("binding {}", config.listener.tcp))?,
+        };
+        let quic = match (config.quic.enabled, inherited.udp) {
+            (false, _) => None,
+            (true, Some(udp)) => Some(quic::driver(&config, udp)?),
+            (true, None) => {
+                let udp = bind_udp(config.quic.bind)
+                    .with_context(|| format!("binding udp {}", config.quic.bind))?;
+                Some(quic::driver(&config, udp)?)
+            }
         };
         let config = Rc::new(config);
         let engine = match identity.clone() {
@@ -62,6 +82,7 @@ impl Worker {
         };
         Ok(Worker {
             tcp,
+            quic,
             engine,
             identity,
         })
@@ -72,20 +93,44 @@ impl Worker {
         self.engine.borrow_mut().stats.restarts = restarts;
     }
 
+    /// Answers the supervisor's metric scrapes on `channel` (fd 4; see [`crate::metrics`]).
+    /// Must be called inside the worker's `LocalSet`.
+    pub fn serve_metrics(&self, channel: std::os::fd::OwnedFd) {
+        tokio::task::spawn_local(crate::metrics::serve(channel, self.engine.clone()));
+    }
+
     /// The bound listeners as (kind, address), with real ports when port 0 was asked for.
     pub fn listen_addrs(&self) -> Vec<(&'static str, SocketAddr)> {
-        self.tcp
-            .local_addr()
-            .map(|a| vec![("tcp", a)])
-            .unwrap_or_default()
+        let tcp = self.tcp.local_addr().map(|a| ("tcp", a));
+        let quic = self
+            .quic
+            .iter()
+            .map(|d| Ok::<_, std::io::Error>(("quic", d.local_addr())));
+        std::iter::once(tcp)
+            .chain(quic)
+            .filter_map(Result::ok)
+            .collect()
     }
 
     /// Serves until `shutdown` resolves, then disconnects every client and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let ticker = tokio::task::spawn_local(run_timers(self.engine.clone()));
+        let quic = self
+            .quic
+            .map(|driver| Rc::new(quic::spawn(driver, self.engine.clone())));
+        let accepting = quic.clone();
+        let shutdown = async move {
+            shutdown.await;
+            if let Some(quic) = &accepting {
+                quic.stop_accepting();
+            }
+        };
         let reactor = TcpReactor::new(self.tcp, self.engine.clone())?;
         let result = reactor.run(shutdown).await;
         ticker.abort();
+        if let Some(quic) = quic.and_then(|q| Rc::try_unwrap(q).ok()) {
+            quic.drain().await;
+        }
         if let Some(me) = &self.identity {
             let handover = mesh::hand_over_sessions(me, &self.engine);
             if tokio::time::timeout(HANDOVER_DEADLINE, handover)
@@ -99,14 +144,28 @@ impl Worker {
     }
 }
 
-/// Runs the engine's timers once a second (keep-alive, will delay, session expiry).
+/// Runs the engine's timers once a second (keep-alive, will delay, session expiry) and
+/// tells it the process's resident memory (for `limits.memory_high_watermark_bytes`).
 async fn run_timers(engine: Rc<RefCell<Engine>>) {
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        engine.borrow_mut().tick(Instant::now());
+        let mut engine = engine.borrow_mut();
+        if let Some(rss) = resident_memory() {
+            engine.set_resident_memory(rss);
+        }
+        engine.tick(Instant::now());
     }
+}
+
+/// This process's resident set size in bytes, from `/proc/self/statm` (Linux).
+pub fn resident_memory() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
 }
 
 /// A listening TCP socket with SO_REUSEPORT, so every worker process binds the same port
@@ -118,5 +177,25 @@ pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::Tcp
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+/// Socket buffer sizes asked for the QUIC UDP socket.
+const UDP_BUFFER_BYTES: usize = 8 << 20;
+
+/// A UDP socket with SO_REUSEPORT for QUIC: every worker binds the same port and the
+/// kernel spreads datagrams over them by a hash of the addresses (see ARCHITECTURE.md on
+/// what that means when a client's address changes).
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    // One socket carries every QUIC connection of the worker: the default ~200 KB queue
+    // overflows under bursts (dropped datagrams become retransmissions and latency
+    // spikes). The kernel caps this at net.core.rmem_max / wmem_max.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
     Ok(socket.into())
 }

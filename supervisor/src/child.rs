@@ -8,7 +8,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd as _, RawFd};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -18,6 +18,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
+use crate::metrics_link::{self, MetricsLink, WORKER_METRICS_FD};
 use crate::worker_main::READY_LINE;
 
 /// Environment variable telling a worker how many times its slot was restarted.
@@ -25,6 +26,8 @@ pub const RESTARTS_ENV: &str = "MQTTD_WORKER_RESTARTS";
 
 /// The descriptor number a worker finds its slot's listening socket at.
 const INHERITED_LISTENER_FD: RawFd = 3;
+/// The descriptor number of the slot's QUIC UDP socket (4 belongs to the metrics helper).
+const INHERITED_QUIC_FD: RawFd = 5;
 
 /// How to start a worker: the program and the arguments every worker gets; the slot's
 /// `--worker-index` is added per launch.
@@ -48,6 +51,8 @@ pub struct Child {
     pub index: u16,
     pub pid: u32,
     pub started: Instant,
+    /// The worker's metrics channel (its end is the worker's fd 4).
+    pub metrics: MetricsLink,
     signals: mpsc::UnboundedSender<libc::c_int>,
 }
 
@@ -58,16 +63,24 @@ impl Child {
         launch: &Launch,
         index: u16,
         listener: RawFd,
+        quic: Option<RawFd>,
         restarts: u64,
         id: u64,
         events: mpsc::UnboundedSender<(u64, Event)>,
     ) -> io::Result<Child> {
+        let (metrics_fd, metrics_end) = metrics_link::socketpair()?;
+        let metrics_raw = metrics_fd.as_raw_fd();
+        // Before the spawn: nothing can fail between it and the watcher task below.
+        let metrics = MetricsLink::start(metrics_end)?;
         let mut cmd = Command::new(&launch.exe);
         // How often this slot was restarted, for the worker's `$SYS` restart counter.
         cmd.env(RESTARTS_ENV, restarts.to_string());
         cmd.args(&launch.args)
             .arg("--listen-fd")
             .arg(INHERITED_LISTENER_FD.to_string())
+            .arg("--metrics-fd")
+            .arg(WORKER_METRICS_FD.to_string())
+            .args(quic.map(|_| format!("--quic-fd={INHERITED_QUIC_FD}")))
             .arg("--worker-index")
             .arg(index.to_string())
             .stdin(Stdio::null())
@@ -89,22 +102,23 @@ impl Child {
                 if libc::getppid() as u32 != supervisor {
                     return Err(io::Error::other("supervisor exited during spawn"));
                 }
-                // The slot's listening socket, at a fixed number and inheritable. dup2
-                // clears close-on-exec, except when the numbers are equal: then clear it.
-                if listener == INHERITED_LISTENER_FD {
-                    let flags = libc::fcntl(listener, libc::F_GETFD);
-                    if flags < 0
-                        || libc::fcntl(listener, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
-                    {
-                        return Err(io::Error::last_os_error());
-                    }
-                } else if libc::dup2(listener, INHERITED_LISTENER_FD) < 0 {
-                    return Err(io::Error::last_os_error());
+                // The slot's sockets and the metrics channel, at fixed numbers and
+                // inheritable. Copied out of the way first, so placing one cannot overwrite
+                // another (dup2 also clears close-on-exec on the placed copy).
+                let listener = out_of_the_way(listener)?;
+                let quic = quic.map(out_of_the_way).transpose()?;
+                let metrics = out_of_the_way(metrics_raw)?;
+                place(listener, INHERITED_LISTENER_FD)?;
+                if let Some(quic) = quic {
+                    place(quic, INHERITED_QUIC_FD)?;
                 }
+                place(metrics, WORKER_METRICS_FD)?;
                 Ok(())
             });
         }
         let mut child = cmd.spawn()?;
+        // The worker has its copy now; ours must go, or its exit would never close the channel.
+        drop(metrics_fd);
         let pid = child.id().expect("a just-spawned child has a pid");
         let stdout = child.stdout.take().expect("stdout is piped");
         let (signals, mut signal_rx) = mpsc::unbounded_channel::<libc::c_int>();
@@ -136,6 +150,7 @@ impl Child {
             index,
             pid,
             started: Instant::now(),
+            metrics,
             signals,
         })
     }
@@ -144,6 +159,29 @@ impl Child {
     pub fn signal(&self, sig: libc::c_int) {
         let _ = self.signals.send(sig);
     }
+}
+
+/// A close-on-exec copy of `fd` numbered above every fixed worker descriptor, so the
+/// `dup2`s that place the inherited sockets never overwrite one another (and `dup2` never
+/// meets equal numbers, where it would leave close-on-exec set). Runs between fork and
+/// exec: fcntl is async-signal-safe.
+fn out_of_the_way(fd: RawFd) -> io::Result<RawFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor this process owns.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 64) };
+    if copy < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(copy)
+}
+
+/// Puts `fd` at number `at`, inheritable. Runs between fork and exec: dup2 is
+/// async-signal-safe.
+fn place(fd: RawFd, at: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 onto a fixed number; `fd` (>= 64, see `out_of_the_way`) is never `at`.
+    if unsafe { libc::dup2(fd, at) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// "exit status 3" / "killed by signal 9", for log lines.

@@ -11,6 +11,9 @@
 //! workers get the supervisor's own arguments, so they load exactly the same config.
 
 mod child;
+mod metrics_http;
+mod metrics_link;
+mod quic;
 mod signals;
 mod spawn;
 mod supervisor;
@@ -60,6 +63,12 @@ struct Cli {
     /// Worker mode: the listening TCP socket inherited from the supervisor, by fd number.
     #[arg(long, hide = true, requires = "worker_index")]
     listen_fd: Option<i32>,
+    /// Worker mode: the metrics channel inherited from the supervisor, by fd number.
+    #[arg(long, hide = true, requires = "worker_index")]
+    metrics_fd: Option<i32>,
+    /// Worker mode: the slot's QUIC UDP socket inherited from the supervisor, by fd number.
+    #[arg(long, hide = true, requires = "worker_index")]
+    quic_fd: Option<i32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -91,7 +100,7 @@ fn main() -> anyhow::Result<()> {
                 count,
                 mesh_dir,
             };
-            worker_main::run(config, identity, cli.listen_fd)
+            worker_main::run(config, identity, cli.listen_fd, cli.quic_fd, cli.metrics_fd)
         }
         _ => supervisor::run(config, std::env::args_os().skip(1).collect()),
     }

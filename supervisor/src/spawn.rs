@@ -18,11 +18,13 @@ use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 
 use crate::child::{describe, Child, Event, Launch};
 use crate::signals::{Signal, Signals};
+
+mod view;
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -34,6 +36,8 @@ struct Slot {
     /// The slot's listening socket: owned here so it outlives every worker that serves it
     /// (connections queued during a restart wait for the next process, none is reset).
     listener: std::net::TcpListener,
+    /// The slot's QUIC socket, owned here for the same reason (datagrams wait for the successor).
+    quic: Option<std::net::UdpSocket>,
     active: Option<u64>,
     incoming: Option<u64>,
     outgoing: Option<u64>,
@@ -68,20 +72,23 @@ pub struct WorkerSet {
     announced: bool,
     /// Why startup was abandoned (a worker died before the first announcement).
     startup_error: Option<String>,
+    /// The slots as the HTTP endpoint sees them (`spawn/view.rs`).
+    view: watch::Sender<crate::metrics_http::View>,
 }
 
 impl WorkerSet {
-    /// `listeners`: one listening socket per worker slot.
+    /// `listeners`: one listening socket per worker slot, and its QUIC socket if enabled.
     pub fn new(
         launch: Launch,
-        listeners: Vec<std::net::TcpListener>,
+        listeners: Vec<(std::net::TcpListener, Option<std::net::UdpSocket>)>,
         drain_timeout: Duration,
     ) -> WorkerSet {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let slots = listeners
             .into_iter()
-            .map(|listener| Slot {
+            .map(|(listener, quic)| Slot {
                 listener,
+                quic,
                 active: None,
                 incoming: None,
                 outgoing: None,
@@ -103,6 +110,7 @@ impl WorkerSet {
             shutting_down: false,
             announced: false,
             startup_error: None,
+            view: watch::Sender::new(Default::default()),
         }
     }
 
@@ -122,6 +130,7 @@ impl WorkerSet {
         }
         let mut announce = Some(announce);
         loop {
+            self.publish_view();
             if self.shutting_down && self.procs.is_empty() {
                 return match self.startup_error.take() {
                     Some(e) => Err(anyhow::anyhow!(e)),
@@ -163,11 +172,16 @@ impl WorkerSet {
         let id = self.next_id;
         self.next_id += 1;
         let listener = self.slots[index as usize].listener.as_raw_fd();
+        let quic = self.slots[index as usize]
+            .quic
+            .as_ref()
+            .map(|s| s.as_raw_fd());
         let restarts = self.slots[index as usize].restarts;
         let child = Child::spawn(
             &self.launch,
             index,
             listener,
+            quic,
             restarts,
             id,
             self.events_tx.clone(),

@@ -34,6 +34,11 @@ pub fn run(config: Config, user_args: Vec<OsString>) -> anyhow::Result<()> {
         .map(|_| mqttd_broker::worker::bind_tcp(addr, config.listener.backlog))
         .collect::<std::io::Result<Vec<_>>>()
         .with_context(|| format!("listening on {addr}"))?;
+    let quic = crate::quic::prepare(&config, count)?;
+    let quic_addr = quic.as_ref().map(|q| q.addr);
+    let quic_sockets = quic.map(|q| q.sockets.into_iter().map(Some).collect::<Vec<_>>());
+    let quic_sockets = quic_sockets.unwrap_or_else(|| (0..count).map(|_| None).collect());
+    let listeners: Vec<_> = listeners.into_iter().zip(quic_sockets).collect();
 
     let mut args = user_args;
     args.extend(
@@ -53,6 +58,14 @@ pub fn run(config: Config, user_args: Vec<OsString>) -> anyhow::Result<()> {
         args,
     };
     let drain = Duration::from_secs(config.cluster.drain_timeout_secs);
+    let metrics = match config.metrics.enabled {
+        true => Some(
+            std::net::TcpListener::bind(config.metrics.bind)
+                .with_context(|| format!("binding metrics {}", config.metrics.bind))?,
+        ),
+        false => None,
+    };
+    let metrics_addr = metrics.as_ref().map(|l| l.local_addr()).transpose()?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -65,8 +78,13 @@ pub fn run(config: Config, user_args: Vec<OsString>) -> anyhow::Result<()> {
             version = env!("CARGO_PKG_VERSION"),
             "supervisor starting"
         );
-        WorkerSet::new(launch, listeners, drain)
-            .run(signals, || announce(addr))
+        let workers = WorkerSet::new(launch, listeners, drain);
+        if let Some(listener) = metrics {
+            crate::metrics_http::spawn(listener, workers.view())
+                .context("serving the metrics endpoint")?;
+        }
+        workers
+            .run(signals, || announce(addr, quic_addr, metrics_addr))
             .await
     });
     drop(reservation);
@@ -74,11 +92,20 @@ pub fn run(config: Config, user_args: Vec<OsString>) -> anyhow::Result<()> {
     result
 }
 
-/// Tests and scripts read this line to learn the port when binding port 0.
-fn announce(addr: SocketAddr) {
+/// Tests and scripts read these lines to learn the ports when binding port 0. The TCP
+/// line comes first (scripts that want only it read one line), then QUIC, then metrics.
+fn announce(addr: SocketAddr, quic: Option<SocketAddr>, metrics: Option<SocketAddr>) {
     tracing::info!("listening on tcp {addr}");
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "mqttd listening tcp {addr}");
+    if let Some(quic) = quic {
+        tracing::info!("listening on quic {quic}");
+        let _ = writeln!(out, "mqttd listening quic {quic}");
+    }
+    if let Some(metrics) = metrics {
+        tracing::info!("metrics on http://{metrics}/metrics");
+        let _ = writeln!(out, "mqttd listening metrics {metrics}");
+    }
     let _ = out.flush();
 }
 

@@ -9,13 +9,20 @@ use std::os::fd::FromRawFd;
 use anyhow::Context;
 use mqttd_broker::cluster::WorkerIdentity;
 use mqttd_broker::config::Config;
+use mqttd_broker::worker::Inherited;
 use mqttd_broker::Worker;
 
 /// The line a worker prints on stdout once `Worker::bind` has returned. The supervisor
 /// counts these to know when the broker as a whole is ready.
 pub const READY_LINE: &str = "mqttd worker ready";
 
-pub fn run(config: Config, identity: WorkerIdentity, listen_fd: Option<i32>) -> anyhow::Result<()> {
+pub fn run(
+    config: Config,
+    identity: WorkerIdentity,
+    listen_fd: Option<i32>,
+    quic_fd: Option<i32>,
+    metrics_fd: Option<i32>,
+) -> anyhow::Result<()> {
     // Every log line of this process says which worker wrote it (stderr is shared).
     let span = tracing::info_span!("worker", index = identity.index);
     let _entered = span.enter();
@@ -28,14 +35,21 @@ pub fn run(config: Config, identity: WorkerIdentity, listen_fd: Option<i32>) -> 
         .context("building the tokio runtime")?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
-        // SAFETY: the supervisor passed this descriptor (a listening TCP socket) to this
-        // process alone, at exec; nothing else here owns or closes it.
-        let inherited = listen_fd.map(|fd| unsafe { std::net::TcpListener::from_raw_fd(fd) });
+        // SAFETY: the supervisor passed these descriptors (a listening TCP socket, a bound
+        // UDP socket) to this process alone, at exec; nothing else here owns or closes them.
+        let inherited = Inherited {
+            tcp: listen_fd.map(|fd| unsafe { std::net::TcpListener::from_raw_fd(fd) }),
+            udp: quic_fd.map(|fd| unsafe { std::net::UdpSocket::from_raw_fd(fd) }),
+        };
         let worker = Worker::bind(config, Some(identity), inherited).await?;
         let restarts = std::env::var(crate::child::RESTARTS_ENV)
             .ok()
             .and_then(|v| v.parse().ok());
         worker.set_restarts(restarts.unwrap_or(0));
+        if let Some(fd) = metrics_fd {
+            // SAFETY: as for the listener: the supervisor's socketpair end, ours alone.
+            worker.serve_metrics(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        }
         for (kind, addr) in worker.listen_addrs() {
             tracing::info!(
                 version = env!("CARGO_PKG_VERSION"),

@@ -29,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 10.0  # generous deadline for any single expected event
 USE_MOSQUITTO = os.environ.get("MQTTD_TEST_BROKER", "") == "mosquitto"
 LISTEN_RE = re.compile(r"mqttd listening tcp ([0-9.]+):(\d+)")
+QUIC_LISTEN_RE = re.compile(r"mqttd listening quic ([0-9.]+):(\d+)")
 
 # mqttd `--set` keys -> mosquitto.conf option (value passed through as-is).
 MOSQUITTO_SETTINGS = {
@@ -45,10 +46,11 @@ VERSIONS = [
 # broker processes
 # --------------------------------------------------------------------------
 class Broker:
-    def __init__(self, proc, host, port, kind, log_path):
+    def __init__(self, proc, host, port, kind, log_path, quic_port=None):
         self.proc = proc
         self.host = host
         self.port = port
+        self.quic_port = quic_port  # MQTT over QUIC (UDP), mqttd only
         self.kind = kind
         self.log_path = log_path
 
@@ -147,8 +149,9 @@ def start_mosquitto(tmp_path, settings):
 def start_mqttd(tmp_path, settings):
     binary = mqttd_binary()
     # Until cross-worker routing lands, clients of one test must share a worker.
-    args = [binary, "--bind", "127.0.0.1:0",
-            "--workers", os.environ.get("MQTTD_TEST_WORKERS", "1")]
+    args = [binary, "--bind", "127.0.0.1:0", "--set", 'quic.bind="127.0.0.1:0"',
+            "--workers", os.environ.get("MQTTD_TEST_WORKERS", "1"),
+            "--set", 'metrics.bind="127.0.0.1:0"']
     for key, value in settings.items():
         if isinstance(value, bool):
             value = "true" if value else "false"
@@ -176,7 +179,13 @@ def start_mqttd(tmp_path, settings):
             line = None
         m = LISTEN_RE.search(line) if line else None
         if m:
-            return Broker(proc, m.group(1), int(m.group(2)), "mqttd", log_path)
+            # The QUIC line follows the TCP one at once (QUIC is on in these tests).
+            try:
+                q = QUIC_LISTEN_RE.search(lines.get(timeout=TIMEOUT) or "")
+            except queue.Empty:
+                q = None
+            quic_port = int(q.group(2)) if q else None
+            return Broker(proc, m.group(1), int(m.group(2)), "mqttd", log_path, quic_port)
         if line is None or time.monotonic() > end:
             Broker(proc, "", 0, "mqttd", log_path).stop()
             pytest.fail(f"mqttd did not print 'mqttd listening tcp ...' (rc={proc.poll()}):\n"

@@ -11,6 +11,7 @@
 pub mod conns;
 pub mod flows;
 pub mod idle;
+pub mod quic;
 pub mod retained;
 pub mod storm;
 

@@ -21,6 +21,7 @@ use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 
+use super::census::Census;
 use super::fdpass;
 use super::wire::{self, Frame};
 use super::{Cluster, WorkerIdentity, WorkerStats};
@@ -129,6 +130,9 @@ fn queue_handoff(link: &mut Link, socket: OwnedFd, bytes: Bytes, now: Instant) {
 /// The engine's handle on the mesh (implements [`Cluster`]).
 pub struct EmbeddedCluster {
     state: Rc<RefCell<MeshState>>,
+    /// The broker-wide connection count; `None` if its file could not be mapped (then
+    /// only the per-worker limit applies, and a warning says so).
+    census: Option<Census>,
 }
 
 impl Cluster for EmbeddedCluster {
@@ -211,6 +215,20 @@ impl Cluster for EmbeddedCluster {
             state.push(0, &Frame::Stats(*stats));
         }
     }
+
+    fn connections_changed(&mut self, admitted: usize) {
+        if let Some(census) = &self.census {
+            census.set_local(admitted);
+        }
+    }
+
+    fn broker_connections(&self) -> Option<usize> {
+        self.census.as_ref().map(Census::total)
+    }
+
+    fn dropped_forwards(&self) -> u64 {
+        self.state.borrow().dropped_forwards
+    }
 }
 
 /// Joins the mesh: binds this worker's socket, starts the link tasks, and waits (bounded)
@@ -233,8 +251,12 @@ pub async fn join(
         progress: Rc::new(Notify::new()),
         dropped_forwards: 0,
     }));
+    let census = Census::open(&me.mesh_dir, me.index, me.count)
+        .inspect_err(|e| tracing::warn!("broker-wide connection count unavailable: {e}"))
+        .ok();
     let engine = Rc::new(RefCell::new(make_engine(Box::new(EmbeddedCluster {
         state: state.clone(),
+        census,
     }))));
     tokio::task::spawn_local(accept_links(listener, state.clone(), engine.clone()));
     for peer in (0..me.count).filter(|&p| p != me.index) {

@@ -7,6 +7,7 @@
 //! (a Unix-socket mesh between the worker processes of one host). A Redis backend implements
 //! the same trait, so the engine does not change when it arrives.
 
+mod census;
 mod fdpass;
 pub mod mesh;
 mod wire;
@@ -67,6 +68,17 @@ pub trait Cluster {
     fn handoff(&mut self, to: u16, socket: OwnedFd, bytes: Bytes) -> Result<(), OwnedFd>;
     /// This worker's counters, for the cluster-wide `$SYS` topics.
     fn report_stats(&mut self, stats: &WorkerStats);
+    /// The number of connections this worker admitted changed (for the broker-wide limit).
+    fn connections_changed(&mut self, _admitted: usize) {}
+    /// Connections admitted by the whole broker, where the backend can tell; `None` means
+    /// this worker is the whole broker.
+    fn broker_connections(&self) -> Option<usize> {
+        None
+    }
+    /// Messages for other workers dropped because a peer's outbox was full or its link down.
+    fn dropped_forwards(&self) -> u64 {
+        0
+    }
 }
 
 /// The counters one worker reports for `$SYS` (summed over workers by worker 0).

@@ -90,7 +90,7 @@ fn put_route(out: &mut BytesMut, r: &Route) {
 }
 
 fn put_message(out: &mut BytesMut, msg: &Message, now: Instant) {
-    let mut properties = msg.properties.clone();
+    let mut properties = msg.properties.as_deref().cloned();
     if let Some(left) = msg.remaining_expiry(now) {
         properties
             .get_or_insert_with(Default::default)
@@ -346,7 +346,7 @@ impl Reader {
             payload: Bytes::copy_from_slice(&p.payload),
             qos: p.qos,
             retain: p.retain,
-            properties,
+            properties: properties.map(Box::new),
             expires_at,
             origin: None,
         })
@@ -424,11 +424,11 @@ mod tests {
             payload: Bytes::from_static(b"hello"),
             qos: QoS::AtLeastOnce,
             retain: true,
-            properties: Some(PublishProperties {
+            properties: Some(Box::new(PublishProperties {
                 content_type: Some("text/plain".into()),
                 user_properties: vec![("k".into(), "v".into())],
                 ..Default::default()
-            }),
+            })),
             expires_at: Some(now + Duration::from_secs(30)),
             origin: Some(3),
         };

@@ -20,8 +20,18 @@ impl Engine {
     }
 
     /// Connections whose client id lives on another worker: (conn, worker, bytes read).
+    /// Only the TCP reactor's; see [`Engine::take_quic_handoff`] for the QUIC driver's.
     pub fn take_handoffs(&mut self) -> Vec<(ConnKey, u16, Bytes)> {
         std::mem::take(&mut self.handoffs)
+    }
+
+    /// The QUIC driver's connection `key`, if its client id turned out to live on another
+    /// worker: (worker, bytes read). The driver then passes a socketpair end with
+    /// [`Engine::hand_off`] and relays the connection through it.
+    pub fn take_quic_handoff(&mut self, key: ConnKey) -> Option<(u16, Bytes)> {
+        let at = self.quic_handoffs.iter().position(|h| h.0 == key)?;
+        let (_, to, bytes) = self.quic_handoffs.swap_remove(at);
+        Some((to, bytes))
     }
 
     /// Passes `socket` (the transport has deregistered it) to worker `to`. If that worker
@@ -38,9 +48,7 @@ impl Engine {
             Ok(()) => {
                 self.stats.handed_off += 1;
                 let conn = self.conns.remove(key);
-                if !conn.over_limit {
-                    self.admitted -= 1;
-                }
+                self.forget_conn(&conn);
                 Ok(())
             }
             Err(socket) => {
@@ -61,7 +69,9 @@ impl Engine {
         }
     }
 
-    /// A connection another worker handed over; the transport adopts it on its next turn.
+    /// A connection another worker handed over (a TCP socket, or the Unix end of a QUIC
+    /// relay); the transport adopts it on its next turn. The worker that accepted it
+    /// already applied the per-IP connect rate.
     pub fn adopt_socket(&mut self, socket: OwnedFd, bytes: Bytes) {
         self.adopted.push((socket, bytes));
         self.dirty.wake_driver();

@@ -9,6 +9,7 @@ use std::time::Instant;
 use ahash::AHashMap;
 use bytes::{Bytes, BytesMut};
 
+use super::rate::PublishBuckets;
 use crate::protocol::{
     self, Disconnect, DisconnectProperties, DisconnectReasonCode, Packet, Version,
 };
@@ -38,6 +39,29 @@ pub enum ConnState {
     HandingOff,
 }
 
+/// Which driver serves a connection, so each takes only its own dirty keys and handoffs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The TCP reactor: TCP sockets, sockets handed over by other workers, and the Unix
+    /// ends of QUIC relays.
+    Tcp,
+    /// The QUIC driver, directly (no socketpair).
+    Quic,
+}
+
+/// Whether a new connection may have a session, decided when it is accepted and answered
+/// at its CONNECT (refused clients still get a CONNACK saying why).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// Over the worker's or the broker's connection limit.
+    OverLimit,
+    /// The worker's resident memory is above `limits.memory_high_watermark_bytes`.
+    OverMemory,
+    /// Its source address opened connections faster than `limits.connect_rate_per_ip`.
+    RateLimited,
+}
+
 #[derive(Debug)]
 pub struct Conn {
     pub state: ConnState,
@@ -47,12 +71,22 @@ pub struct Conn {
     pub out: BytesMut,
     /// An incomplete packet left over from the last read. Empty when idle.
     pub partial: BytesMut,
-    pub accepted_at: Instant,
+    /// When the last complete packet arrived; until CONNECT, when the socket was accepted
+    /// (so it also times the connect timeout).
     pub last_packet_at: Instant,
     /// Negotiated keep-alive, seconds (0 = none).
     pub keep_alive: u16,
-    /// Over the worker's connection limit: CONNECT is refused.
-    pub over_limit: bool,
+    /// Refused ones count against no limit, and their CONNECT gets a refusal.
+    pub admission: Admission,
+    /// The last flush left output the socket would not take: the client is not draining.
+    pub backlogged: bool,
+    /// Bytes the transport driver keeps for this connection (see `accounting.rs`).
+    pub transport_bytes: u32,
+    /// Publish rate limit state (unused when no publish rate is configured).
+    pub publish_buckets: PublishBuckets,
+    /// Over its publish rate with the throttle action: input is not read before this time
+    /// (engine milliseconds; 0 = not paused).
+    pub paused_until_ms: u32,
     /// The client's v5 Receive Maximum: QoS 1/2 messages we may have unacknowledged.
     pub client_receive_max: u16,
     /// The client's v5 Maximum Packet Size: larger messages are not sent to it.
@@ -67,25 +101,32 @@ pub struct Conn {
     pub dirty: Rc<DirtyList>,
     /// Already on the dirty list since the driver last took it.
     pub queued: bool,
+    /// The driver serving it.
+    pub transport: Transport,
     /// Acknowledgements held until a cluster barrier completes (see `Engine::acknowledge`):
     /// (barrier id, acks in order). `None` nearly always.
     pub held_acks: Option<Box<(u64, Vec<Packet>)>>,
     /// Timer ticks spent in `Closing` (see `Engine::should_abort`).
     pub close_ticks: u8,
+    /// Timer ticks in a row it was found over its memory budget (see `accounting.rs`).
+    pub over_budget_ticks: u8,
 }
 
 impl Conn {
-    pub fn new(key: usize, dirty: Rc<DirtyList>, now: Instant, over_limit: bool) -> Conn {
+    pub fn new(key: usize, dirty: Rc<DirtyList>, now: Instant, admission: Admission) -> Conn {
         Conn {
             state: ConnState::AwaitingConnect,
             version: Version::V311,
             session: None,
             out: BytesMut::new(),
             partial: BytesMut::new(),
-            accepted_at: now,
             last_packet_at: now,
             keep_alive: 0,
-            over_limit,
+            admission,
+            backlogged: false,
+            transport_bytes: 0,
+            publish_buckets: PublishBuckets::default(),
+            paused_until_ms: 0,
             client_receive_max: u16::MAX,
             client_max_packet: u32::MAX,
             client_alias_max: 0,
@@ -93,8 +134,10 @@ impl Conn {
             key,
             dirty,
             queued: false,
+            transport: Transport::Tcp,
             held_acks: None,
             close_ticks: 0,
+            over_budget_ticks: 0,
         }
     }
 

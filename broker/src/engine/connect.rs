@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::conn::{Conn, ConnState};
+use super::conn::{Admission, Conn, ConnState};
 use super::message::Message;
 use super::session::{Session, Will};
 use super::{ConnKey, Engine};
@@ -79,26 +79,53 @@ impl Engine {
         now: Instant,
     ) {
         let connect_bytes = self.connect_bytes.take();
+        let v5 = self.conns[key].version.is_v5();
+        if self.conns[key].admission == Admission::RateLimited {
+            // Decided where the connection arrived, before it moves to its home worker.
+            self.stats.connections_refused_rate += 1;
+            tracing::warn!(
+                conn = key,
+                "connect rate of this address exceeded: refusing CONNECT"
+            );
+            let code = if v5 {
+                ConnectReturnCode::ConnectionRateExceeded
+            } else {
+                ConnectReturnCode::ServiceUnavailable
+            };
+            return self.refuse(key, code, "connection rate exceeded");
+        }
         if self.workers > 1 && !connect.client_id.is_empty() {
             let home = crate::cluster::home_worker(&connect.client_id, self.workers);
             if let (true, Some(bytes)) = (home != self.index, connect_bytes) {
                 // The client id lives on another worker: the whole connection moves there,
                 // so takeover and session resumption stay local to one engine.
                 self.conns[key].state = ConnState::HandingOff;
-                self.handoffs.push((key, home, bytes));
+                match self.conns[key].transport {
+                    super::Transport::Tcp => self.handoffs.push((key, home, bytes)),
+                    super::Transport::Quic => self.quic_handoffs.push((key, home, bytes)),
+                }
                 return;
             }
         }
-        let v5 = self.conns[key].version.is_v5();
-        if self.conns[key].over_limit {
-            self.stats.connections_refused += 1;
-            tracing::warn!(conn = key, "connection limit reached: refusing CONNECT");
+        let refusal = match self.conns[key].admission {
+            Admission::OverLimit => {
+                self.stats.connections_refused += 1;
+                Some("connection limit reached")
+            }
+            Admission::OverMemory => {
+                self.stats.connections_refused_memory += 1;
+                Some("worker memory above its high watermark")
+            }
+            Admission::Admitted | Admission::RateLimited => None,
+        };
+        if let Some(why) = refusal {
+            tracing::warn!(conn = key, "refusing CONNECT: {why}");
             let code = if v5 {
                 ConnectReturnCode::QuotaExceeded
             } else {
                 ConnectReturnCode::ServiceUnavailable
             };
-            return self.refuse(key, code, "connection limit reached");
+            return self.refuse(key, code, why);
         }
         if let Err((code, why)) = self.check_connect(&connect, will.as_ref(), v5) {
             return self.refuse(key, code, why);
@@ -349,7 +376,7 @@ fn will_from(w: LastWill, origin: usize, now: Instant) -> Will {
             payload: bytes::Bytes::copy_from_slice(&w.message),
             qos: w.qos,
             retain: w.retain,
-            properties,
+            properties: properties.map(Box::new),
             expires_at,
             origin: Some(origin),
         },

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use super::accounting::over_budget;
 use super::conn::{Conn, MAX_PENDING_OUTPUT};
 use super::message::{Delivery, Message};
 use super::publish::is_empty_props;
@@ -32,11 +33,19 @@ impl Engine {
         }
         let session = &mut self.sessions[skey];
         let window = self.config.limits.max_inflight;
-        if let Some(ckey) = session.conn {
-            let conn = &mut self.conns[ckey];
+        let budget = self.config.limits.connection_memory_budget;
+        let conn = session
+            .conn
+            .map(|ckey| &mut self.conns[ckey])
+            .filter(|conn| !conn.is_closing());
+        if let Some(conn) = conn {
             if delivery.qos == 0 {
                 if conn.out.len() > MAX_PENDING_OUTPUT {
                     self.stats.dropped_qos0_backlog += 1;
+                } else if conn.backlogged && over_budget(budget, conn, session, msg) {
+                    // First step of the budget policy: a client that is not draining loses
+                    // its QoS 0 messages rather than grow the broker's memory.
+                    self.stats.dropped_over_budget += 1;
                 } else {
                     send_publish(conn, msg, &delivery, 0, false, now, &mut self.stats);
                 }
@@ -46,6 +55,9 @@ impl Engine {
                 start_inflight(conn, session, msg.clone(), delivery, now, &mut self.stats);
                 return;
             }
+            // QoS 1/2 past the window queue (bounded by max_queued_messages). A client that
+            // stays over its budget is disconnected by the tick (`cut_slow_consumers`): a
+            // burst (retained messages on SUBSCRIBE, a reconnect) may exceed it briefly.
         } else if delivery.qos == 0 {
             // QoS 0 is not kept for offline clients (as Mosquitto's default).
             return;
@@ -57,7 +69,7 @@ impl Engine {
             }
             return;
         }
-        session.queue.push_back(Queued {
+        session.push_queued(Queued {
             msg: msg.clone(),
             delivery,
         });
@@ -99,7 +111,7 @@ impl Engine {
         let conn = &mut self.conns[ckey];
         let window = window_of(conn, self.config.limits.max_inflight);
         while session.inflight.len() < window {
-            let Some(q) = session.queue.pop_front() else {
+            let Some(q) = session.pop_queued() else {
                 break;
             };
             if q.msg.is_expired(now) {
@@ -132,7 +144,7 @@ impl Engine {
         let session = &mut self.sessions[skey];
         match session.inflight_position(pkid) {
             Some(pos) if session.inflight[pos].state == expected => {
-                session.inflight.remove(pos);
+                session.remove_inflight(pos);
                 self.pump_queue(skey, now);
             }
             _ => tracing::debug!(conn = key, pkid, "acknowledgement for an unknown packet id"),
@@ -152,7 +164,7 @@ impl Engine {
         match pos {
             Some(pos) if is_error_reason(&rec.reason) => {
                 // The receiver refused it: the exchange ends here (v5 §4.3.3).
-                session.inflight.remove(pos);
+                session.remove_inflight(pos);
                 self.pump_queue(skey, now);
             }
             Some(pos) => {
@@ -195,7 +207,7 @@ fn start_inflight(
 ) {
     let pkid = session.next_pkid();
     if send_publish(conn, &msg, &delivery, pkid, false, now, stats) {
-        session.inflight.push_back(Inflight {
+        session.push_inflight(Inflight {
             pkid,
             msg,
             delivery,
@@ -234,7 +246,7 @@ fn send_publish(
     if conn.version.is_v5() && conn.client_alias_max > 0 {
         apply_topic_alias(conn, &mut publish);
     }
-    stats.messages_sent += 1;
+    stats.messages_sent[usize::from(delivery.qos.min(2))] += 1;
     conn.send(&Packet::Publish(publish));
     true
 }
@@ -249,7 +261,7 @@ fn outgoing_properties(
     if msg.properties.is_none() && delivery.subscription_ids.is_empty() {
         return None;
     }
-    let mut props = msg.properties.clone().unwrap_or_default();
+    let mut props = msg.properties.as_deref().cloned().unwrap_or_default();
     props.message_expiry_interval = msg.remaining_expiry(now);
     props.subscription_identifiers = delivery
         .subscription_ids

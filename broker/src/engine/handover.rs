@@ -114,6 +114,7 @@ impl Engine {
                 },
             })
             .collect();
+        session.recount_held();
         let skey = self.sessions.insert(session);
         self.client_ids.insert(id, skey);
         for (filter, opts) in image.subscriptions {

@@ -16,7 +16,8 @@ pub struct Message {
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
-    pub properties: Option<PublishProperties>,
+    /// Boxed: most messages have none, and the struct would otherwise triple `Message`.
+    pub properties: Option<Box<PublishProperties>>,
     /// From the v5 Message Expiry Interval; the message is dropped undelivered after it.
     pub expires_at: Option<Instant>,
     /// Session that published it, for No Local subscriptions (`None` for wills and $SYS).

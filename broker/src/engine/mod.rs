@@ -11,18 +11,22 @@
 //! window, queue, redelivery, acks) and `subscribe.rs`; `cluster_io.rs` is what other
 //! workers tell this one, `handover.rs` sessions moving to a successor, `sys.rs` `$SYS`.
 
+mod accounting;
 mod cluster_io;
 mod conn;
 mod connect;
 mod deliver;
+mod gauges;
 mod handover;
 mod message;
 mod publish;
+mod rate;
 mod session;
 mod stats;
 mod subscribe;
 mod sys;
 
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -30,7 +34,8 @@ use ahash::AHashMap;
 use bytes::BytesMut;
 use slab::Slab;
 
-pub use conn::{Conn, ConnState, DirtyList};
+pub use accounting::{Footprint, MemoryReport, MODEL_BYTES};
+pub use conn::{Admission, Conn, ConnState, DirtyList, Transport};
 pub use handover::SessionImage;
 pub use message::{Delivery, Message};
 pub use session::Session;
@@ -71,7 +76,10 @@ pub struct Engine {
     /// Set while a CONNECT is decoded: the bytes to pass on if the client id lives elsewhere.
     connect_bytes: Option<bytes::Bytes>,
     /// Connections to hand to the worker owning their client id: (conn, worker, bytes).
+    /// TCP (and QUIC-relay) connections, for the TCP reactor.
     handoffs: Vec<(ConnKey, u16, bytes::Bytes)>,
+    /// The same for connections the QUIC driver serves directly (see `accept_quic`).
+    quic_handoffs: Vec<(ConnKey, u16, bytes::Bytes)>,
     /// Sockets other workers handed to this one, waiting for the transport to adopt them.
     adopted: Vec<(std::os::fd::OwnedFd, bytes::Bytes)>,
     /// Connections with acknowledgements held for a cluster barrier.
@@ -88,11 +96,19 @@ pub struct Engine {
     shared_target_scratch: Vec<(u16, Box<str>, Box<str>)>,
     /// Connections that count against the limit (have not been refused).
     admitted: usize,
+    /// New connections per source address (this worker's share of the broker's rate).
+    connect_limiter: rate::ConnectLimiter,
+    /// This process's resident memory as last measured by the worker (bytes).
+    resident_bytes: u64,
     next_assigned_id: u64,
     /// Reused on every PUBLISH to collect matching subscriptions without allocating.
     match_scratch: Vec<(usize, topic_trie::SubscriptionOptions)>,
-    /// Connections with output or a pending close, for the transport driver.
+    /// Connections with output or a pending close, for the TCP reactor.
     dirty: Rc<DirtyList>,
+    /// The same for connections the QUIC driver serves directly.
+    dirty_quic: Rc<DirtyList>,
+    /// Connections the QUIC driver serves directly (the rest are the TCP reactor's).
+    quic_conns: usize,
     pub stats: Stats,
 }
 
@@ -100,6 +116,7 @@ impl Engine {
     /// An engine for worker `index` of `workers` (0 of 1 for a single-worker broker).
     pub fn new(config: Rc<Config>, cluster: Box<dyn Cluster>, index: u16, workers: u16) -> Engine {
         let retained = RetainedStore::new(config.limits.max_retained_messages);
+        let connect_limiter = rate::ConnectLimiter::new(connect_rate(&config, workers));
         Engine {
             config,
             conns: Slab::new(),
@@ -115,6 +132,7 @@ impl Engine {
             workers: workers.max(1),
             connect_bytes: None,
             handoffs: Vec::new(),
+            quic_handoffs: Vec::new(),
             adopted: Vec::new(),
             parked_subacks: Vec::new(),
             holding_acks: Vec::new(),
@@ -125,9 +143,13 @@ impl Engine {
             plain_worker_scratch: Vec::new(),
             shared_target_scratch: Vec::new(),
             admitted: 0,
+            connect_limiter,
+            resident_bytes: 0,
             next_assigned_id: 0,
             match_scratch: Vec::new(),
             dirty: Rc::new(DirtyList::default()),
+            dirty_quic: Rc::new(DirtyList::default()),
+            quic_conns: 0,
             stats: Stats::default(),
         }
     }
@@ -136,18 +158,105 @@ impl Engine {
         &self.config
     }
 
-    /// A new network connection. Over the connection limit it is still accepted, so that
-    /// its CONNECT can be answered with "quota exceeded" / "server unavailable".
-    pub fn accept(&mut self, now: Instant) -> ConnKey {
-        let over_limit = self.admitted >= self.config.limits.max_connections_per_worker;
-        if !over_limit {
+    /// A new connection: from the network (`peer` is its source address, for the per-IP
+    /// connect rate) or handed over by another worker (`None`: already rate-checked there).
+    /// Over a limit it is still accepted, so that its CONNECT can be answered with the
+    /// reason ("quota exceeded" / "server unavailable" / "connection rate exceeded"); no
+    /// session is created for it.
+    pub fn accept(&mut self, now: Instant, peer: Option<IpAddr>) -> ConnKey {
+        self.accept_on(now, peer, Transport::Tcp)
+    }
+
+    /// A new connection served directly by the QUIC driver (not through a socketpair):
+    /// as [`Engine::accept`], but it announces itself on the QUIC dirty list
+    /// ([`Engine::take_dirty_quic`]) and its handoff goes to [`Engine::take_quic_handoff`].
+    pub fn accept_quic(&mut self, now: Instant, peer: IpAddr) -> ConnKey {
+        self.accept_on(now, Some(peer), Transport::Quic)
+    }
+
+    fn accept_on(&mut self, now: Instant, peer: Option<IpAddr>, transport: Transport) -> ConnKey {
+        let admission = self.admission(now, peer);
+        if admission == Admission::Admitted {
             self.admitted += 1;
+            self.cluster.connections_changed(self.admitted);
         }
         self.stats.connections_accepted += 1;
+        let (packets, bytes) = publish::publish_rates(&self.config.limits);
+        let buckets = rate::PublishBuckets::full(packets, bytes, self.millis(now));
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        entry.insert(Conn::new(key, self.dirty.clone(), now, over_limit));
+        let dirty = match transport {
+            Transport::Tcp => self.dirty.clone(),
+            Transport::Quic => self.dirty_quic.clone(),
+        };
+        let mut conn = Conn::new(key, dirty, now, admission);
+        conn.transport = transport;
+        if transport == Transport::Quic {
+            self.quic_conns += 1;
+        }
+        conn.publish_buckets = buckets;
+        entry.insert(conn);
         key
+    }
+
+    /// While a throttled client is paused: when its input may be read again. The driver
+    /// leaves the socket unread until then (TCP flow control pushes back on the client).
+    pub fn read_paused_until(&mut self, key: ConnKey, now: Instant) -> Option<Instant> {
+        let now_ms = self.millis(now);
+        let conn = self.conns.get_mut(key)?;
+        if conn.paused_until_ms == 0 {
+            return None;
+        }
+        let left = conn.paused_until_ms.wrapping_sub(now_ms);
+        if left == 0 || left > u32::MAX / 2 {
+            conn.paused_until_ms = 0;
+            return None;
+        }
+        Some(now + std::time::Duration::from_millis(u64::from(left)))
+    }
+
+    fn admission(&mut self, now: Instant, peer: Option<IpAddr>) -> Admission {
+        let limits = &self.config.limits;
+        let broker_full = limits.max_connections > 0
+            && self.cluster.broker_connections().unwrap_or(self.admitted) >= limits.max_connections;
+        if self.admitted >= limits.max_connections_per_worker || broker_full {
+            Admission::OverLimit
+        } else if limits.memory_high_watermark_bytes > 0
+            && self.resident_bytes > limits.memory_high_watermark_bytes
+        {
+            Admission::OverMemory
+        } else if peer.is_some_and(|ip| !self.connect_limiter.admit(ip, self.millis(now))) {
+            Admission::RateLimited
+        } else {
+            Admission::Admitted
+        }
+    }
+
+    /// Tells the engine this process's resident memory (the worker measures it each second;
+    /// the engine stays free of I/O). New connections are refused above the watermark.
+    pub fn set_resident_memory(&mut self, bytes: u64) {
+        self.resident_bytes = bytes;
+    }
+
+    /// `now` as engine milliseconds, the clock of the rate limiters.
+    fn millis(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.started_at).as_millis() as u32
+    }
+
+    /// A connection's slot was freed (closed, or handed to another worker).
+    fn forget_conn(&mut self, conn: &Conn) {
+        if conn.transport == Transport::Quic {
+            self.quic_conns -= 1;
+        }
+        self.release_admission(conn.admission);
+    }
+
+    /// One connection left the admitted set.
+    fn release_admission(&mut self, admission: Admission) {
+        if admission == Admission::Admitted {
+            self.admitted -= 1;
+            self.cluster.connections_changed(self.admitted);
+        }
     }
 
     /// The buffer a driver should read into for `key`: the worker-wide `scratch` with any
@@ -198,6 +307,10 @@ impl Engine {
                     self.stats.packets_received += 1;
                     self.conns[key].last_packet_at = now;
                     self.handle_packet(key, packet, now);
+                    if self.conns.get(key).is_some_and(|c| c.paused_until_ms != 0) {
+                        // Throttled: the rest waits (as a partial packet) for the pause to end.
+                        break;
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -281,11 +394,12 @@ impl Engine {
         if !self.conns.contains(key) {
             return;
         }
+        if !self.quic_handoffs.is_empty() {
+            self.quic_handoffs.retain(|h| h.0 != key);
+        }
         self.end_connection(key, true, now);
         let conn = self.conns.remove(key);
-        if !conn.over_limit {
-            self.admitted -= 1;
-        }
+        self.forget_conn(&conn);
         self.stats.connections_closed += 1;
     }
 
@@ -295,11 +409,14 @@ impl Engine {
         self.conns.get_mut(key).map(|c| &mut c.out)
     }
 
-    /// After a complete flush: give the buffer's memory back, so an idle connection holds none.
+    /// After a flush that wrote `bytes`: give the buffer's memory back once it is empty, so
+    /// an idle connection holds none; output left over means the client is not draining
+    /// (budget decisions treat it as backlogged until a flush empties it).
     pub fn output_flushed(&mut self, key: ConnKey, bytes: usize) {
         self.stats.bytes_sent += bytes as u64;
         if let Some(conn) = self.conns.get_mut(key) {
-            if conn.out.is_empty() {
+            conn.backlogged = !conn.out.is_empty();
+            if !conn.backlogged {
                 conn.out = BytesMut::new();
             }
         }
@@ -336,11 +453,30 @@ impl Engine {
     /// The connections that gained output or must close since the last call, each once.
     pub fn take_dirty(&mut self, into: &mut Vec<ConnKey>) {
         self.dirty.take(into);
-        for &key in into.iter() {
+        self.dequeue(into, Transport::Tcp);
+    }
+
+    /// [`Engine::take_dirty`] for the connections the QUIC driver serves directly.
+    pub fn take_dirty_quic(&mut self, into: &mut Vec<ConnKey>) {
+        self.dirty_quic.take(into);
+        self.dequeue(into, Transport::Quic);
+    }
+
+    /// Taken off a dirty list: may be queued again. A key whose slot now holds a connection
+    /// of the other transport (closed and reused since) is left alone.
+    fn dequeue(&mut self, keys: &[ConnKey], transport: Transport) {
+        for &key in keys {
             if let Some(conn) = self.conns.get_mut(key) {
-                conn.queued = false;
+                if conn.transport == transport {
+                    conn.queued = false;
+                }
             }
         }
+    }
+
+    /// [`Engine::poll_dirty`] for the QUIC driver.
+    pub fn poll_dirty_quic(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.dirty_quic.poll_ready(cx)
     }
 
     /// Ready when some connection is dirty; wakes the caller on the next one otherwise.
@@ -358,7 +494,7 @@ impl Engine {
         let mut closing = Vec::new();
         for (key, conn) in self.conns.iter() {
             let late = match conn.state {
-                ConnState::AwaitingConnect => now >= conn.accepted_at + connect_timeout,
+                ConnState::AwaitingConnect => now >= conn.last_packet_at + connect_timeout,
                 ConnState::Active => conn.keep_alive_deadline().is_some_and(|d| now >= d),
                 ConnState::Closing => {
                     closing.push(key);
@@ -391,9 +527,26 @@ impl Engine {
                 self.end_connection(key, true, now);
             }
         }
+        self.cut_slow_consumers();
         self.expire_sessions(now);
+        self.release_idle_message_buffers();
+        self.connect_limiter.sweep(self.millis(now));
         self.retained.sweep(now);
         self.publish_sys(now);
+    }
+
+    /// Sessions whose inflight window and queue emptied give the deques' memory back, so
+    /// a connection that has gone idle costs its base footprint again. Done here, once a
+    /// second, rather than on every acknowledgement (that would allocate per message).
+    fn release_idle_message_buffers(&mut self) {
+        for (_, s) in self.sessions.iter_mut() {
+            if s.inflight.is_empty() && s.inflight.capacity() > 0 {
+                s.inflight = Default::default();
+            }
+            if s.queue.is_empty() && s.queue.capacity() > 0 {
+                s.queue = Default::default();
+            }
+        }
     }
 
     /// Offline sessions: publish wills whose delay passed, discard expired sessions.
@@ -479,6 +632,12 @@ impl Engine {
         self.conns.len()
     }
 
+    /// Connections served by the TCP reactor (TCP sockets and socketpair ends), the ones
+    /// it waits for when it shuts down; the QUIC driver drains its own.
+    pub fn tcp_connection_count(&self) -> usize {
+        self.conns.len() - self.quic_conns
+    }
+
     pub fn session_count(&self) -> usize {
         self.sessions.len()
     }
@@ -504,6 +663,17 @@ impl Engine {
     }
 }
 
+/// This worker's share of the broker-wide per-IP connect rate: the kernel spreads
+/// connections evenly over the workers (SO_REUSEPORT hashes the source port too).
+fn connect_rate(config: &Config, workers: u16) -> rate::Rate {
+    let limits = &config.limits;
+    let share = f32::from(workers.max(1));
+    rate::Rate::new(
+        limits.connect_rate_per_ip as f32 / share,
+        (limits.connect_burst_per_ip as f32 / share).ceil(),
+    )
+}
+
 fn packet_name(packet: &Packet) -> &'static str {
     match packet {
         Packet::Auth(_) => "AUTH without an authentication method",
@@ -518,3 +688,5 @@ fn packet_name(packet: &Packet) -> &'static str {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_limits;

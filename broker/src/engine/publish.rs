@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::message::{Delivery, Message};
+use super::rate::Rate;
 use super::{ConnKey, Engine};
+use crate::config::{Limits, RateLimitAction};
 use crate::protocol::{
     Disconnect, DisconnectReasonCode, Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
     PubRecReason, Publish, PublishProperties,
@@ -17,6 +19,9 @@ use crate::router::RouteKind;
 
 impl Engine {
     pub(super) fn handle_publish(&mut self, key: ConnKey, p: Publish, now: Instant) {
+        if !self.within_publish_rate(key, p.payload.len(), now) {
+            return;
+        }
         let mqtt = &self.config.mqtt;
         let qos = p.qos as u8;
         if qos > mqtt.maximum_qos {
@@ -143,11 +148,11 @@ impl Engine {
             payload,
             qos: p.qos,
             retain: p.retain,
-            properties: properties.filter(|pr| !is_empty_props(pr)),
+            properties: properties.filter(|pr| !is_empty_props(pr)).map(Box::new),
             expires_at,
             origin: Some(skey),
         });
-        self.stats.messages_received += 1;
+        self.stats.messages_received[usize::from(qos)] += 1;
         if msg.retain {
             self.store_retained(&msg);
         }
@@ -163,6 +168,40 @@ impl Engine {
             }
             2 => self.acknowledge(key, pubrec(p.pkid), msg.retain),
             _ => {}
+        }
+    }
+
+    /// Charges a PUBLISH to the client's rate limit. Over it, the client is paused (its
+    /// input is not read until its buckets refill; this PUBLISH still goes through) or
+    /// disconnected (v5: 0x96, and this PUBLISH is dropped), as configured.
+    fn within_publish_rate(&mut self, key: ConnKey, payload: usize, now: Instant) -> bool {
+        let (packets, bytes) = publish_rates(&self.config.limits);
+        if !packets.is_limited() && !bytes.is_limited() {
+            return true;
+        }
+        let now_ms = self.millis(now);
+        let conn = &mut self.conns[key];
+        let wait = conn.publish_buckets.take(packets, bytes, payload, now_ms);
+        if wait == 0 {
+            return true;
+        }
+        match self.config.limits.rate_limit_action {
+            RateLimitAction::Throttle => {
+                self.stats.rate_limited_publishes += 1;
+                // Never 0, which means "not paused".
+                conn.paused_until_ms = now_ms.wrapping_add(wait).max(1);
+                true
+            }
+            RateLimitAction::Disconnect => {
+                self.stats.rate_limit_disconnects += 1;
+                tracing::warn!(conn = key, "publish rate exceeded: disconnecting");
+                conn.disconnect(
+                    DisconnectReasonCode::MessageRateTooHigh,
+                    "publish rate exceeded",
+                );
+                self.end_connection(key, true, now);
+                false
+            }
         }
     }
 
@@ -400,4 +439,15 @@ fn pubrec(pkid: u16) -> Packet {
         reason: PubRecReason::Success,
         properties: None,
     })
+}
+
+/// The per-client publish limits (packets, payload bytes) from the config.
+pub(super) fn publish_rates(limits: &Limits) -> (Rate, Rate) {
+    (
+        Rate::new(limits.publish_rate as f32, limits.publish_burst as f32),
+        Rate::new(
+            limits.publish_bytes_rate as f32,
+            limits.publish_bytes_burst as f32,
+        ),
+    )
 }

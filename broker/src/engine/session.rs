@@ -9,6 +9,7 @@ use std::time::Instant;
 use ahash::AHashMap;
 use topic_trie::SubscriptionOptions;
 
+use super::accounting::held_message_bytes;
 use super::message::{Delivery, Message};
 
 /// Where a QoS 1/2 message sent to the client stands.
@@ -28,11 +29,25 @@ pub struct Inflight {
     pub state: InflightState,
 }
 
+impl Inflight {
+    /// Bytes this entry holds, for the accountant (see `accounting.rs`).
+    pub fn cost(&self) -> usize {
+        std::mem::size_of::<Inflight>() + held_message_bytes(&self.msg, &self.delivery)
+    }
+}
+
 /// A message waiting for room in the inflight window or for the client to come back.
 #[derive(Debug)]
 pub struct Queued {
     pub msg: Rc<Message>,
     pub delivery: Delivery,
+}
+
+impl Queued {
+    /// Bytes this entry holds, for the accountant (see `accounting.rs`).
+    pub fn cost(&self) -> usize {
+        std::mem::size_of::<Queued>() + held_message_bytes(&self.msg, &self.delivery)
+    }
 }
 
 /// A will: published when the connection ends without a normal DISCONNECT.
@@ -61,6 +76,9 @@ pub struct Session {
     /// Outbound QoS 1/2 messages not yet fully acknowledged, in the order sent.
     pub inflight: VecDeque<Inflight>,
     pub queue: VecDeque<Queued>,
+    /// Bytes of the messages in `inflight` and `queue` (entries included), kept as they
+    /// come and go so budget checks on the delivery path cost nothing.
+    pub held_bytes: usize,
     next_pkid: u16,
     /// Packet ids of incoming QoS 2 PUBLISHes awaiting PUBREL (their PUBREC was sent).
     pub incoming_qos2: Vec<u16>,
@@ -78,6 +96,7 @@ impl Session {
             will_at: None,
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
+            held_bytes: 0,
             next_pkid: 0,
             incoming_qos2: Vec::new(),
         }
@@ -92,6 +111,34 @@ impl Session {
                 return id;
             }
         }
+    }
+
+    pub fn push_queued(&mut self, q: Queued) {
+        self.held_bytes += q.cost();
+        self.queue.push_back(q);
+    }
+
+    pub fn pop_queued(&mut self) -> Option<Queued> {
+        let q = self.queue.pop_front()?;
+        self.held_bytes -= q.cost();
+        Some(q)
+    }
+
+    pub fn push_inflight(&mut self, m: Inflight) {
+        self.held_bytes += m.cost();
+        self.inflight.push_back(m);
+    }
+
+    pub fn remove_inflight(&mut self, pos: usize) -> Option<Inflight> {
+        let m = self.inflight.remove(pos)?;
+        self.held_bytes -= m.cost();
+        Some(m)
+    }
+
+    /// Recomputes `held_bytes` after `inflight` or `queue` were replaced wholesale.
+    pub fn recount_held(&mut self) {
+        self.held_bytes = self.inflight.iter().map(Inflight::cost).sum::<usize>()
+            + self.queue.iter().map(Queued::cost).sum::<usize>();
     }
 
     pub fn inflight_position(&self, pkid: u16) -> Option<usize> {

@@ -12,8 +12,10 @@ pub struct Stats {
     pub packets_received: u64,
     pub bytes_received: u64,
     pub bytes_sent: u64,
-    pub messages_received: u64,
-    pub messages_sent: u64,
+    /// PUBLISHes received from clients, by QoS (index 0, 1, 2).
+    pub messages_received: [u64; 3],
+    /// PUBLISHes sent to clients, by the QoS they were sent with.
+    pub messages_sent: [u64; 3],
     pub protocol_errors: u64,
     pub keepalive_timeouts: u64,
     pub takeovers: u64,
@@ -33,4 +35,22 @@ pub struct Stats {
     pub dropped_too_large: u64,
     /// Queued or inflight messages lost because their session ended.
     pub dropped_on_session_end: u64,
+    // Limits, accounting and rate limits (issue 5).
+    /// CONNECTs refused because the worker was above its memory high watermark.
+    pub connections_refused_memory: u64,
+    /// CONNECTs refused because their address exceeded the per-IP connect rate.
+    pub connections_refused_rate: u64,
+    /// QoS 0 messages not sent because the client was not draining and over its budget.
+    pub dropped_over_budget: u64,
+    /// Connections closed because their QoS 1/2 messages would have queued past the budget.
+    pub slow_consumer_disconnects: u64,
+    /// Times a client went over its publish rate and was paused.
+    pub rate_limited_publishes: u64,
+    /// Clients disconnected for going over their publish rate.
+    pub rate_limit_disconnects: u64,
+    /// Clients refused for their credentials (no authentication yet: always 0).
+    pub auth_failures: u64,
+    /// Messages for other workers dropped at a full (64 MiB) or disconnected mesh link;
+    /// copied from the cluster backend when metrics are taken.
+    pub dropped_mesh_backlog: u64,
 }

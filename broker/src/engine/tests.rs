@@ -15,15 +15,15 @@ use crate::protocol::{
 };
 use rumqttc::v5::mqttbytes::v5 as wire;
 
-struct Harness {
-    engine: Engine,
-    now: Instant,
+pub(super) struct Harness {
+    pub(super) engine: Engine,
+    pub(super) now: Instant,
     /// Keep-alive asked for by the next `connect` (0: none, so time jumps cut no one off).
     keep_alive: u16,
 }
 
 impl Harness {
-    fn new() -> Harness {
+    pub(super) fn new() -> Harness {
         Harness {
             engine: Engine::new(Rc::new(Config::default()), Box::new(Standalone), 0, 1),
             now: Instant::now(),
@@ -31,26 +31,35 @@ impl Harness {
         }
     }
 
-    fn send(&mut self, key: ConnKey, packet: Packet) {
+    pub(super) fn send(&mut self, key: ConnKey, packet: Packet) {
         let mut bytes = BytesMut::new();
         packet.write(&mut bytes, None).unwrap();
         self.engine.handle_read(key, &mut bytes, self.now);
     }
 
     /// Everything the engine has written to `key` since the last call, decoded as v5.
-    fn received(&mut self, key: ConnKey) -> Vec<Packet> {
+    /// Like a driver that wrote it all, it then tells the engine the output was flushed.
+    pub(super) fn received(&mut self, key: ConnKey) -> Vec<Packet> {
         let Some(out) = self.engine.output(key) else {
             return Vec::new();
         };
         let mut packets = Vec::new();
+        let len = out.len();
         while !out.is_empty() {
             packets.push(wire::Packet::read(out, None).unwrap());
         }
+        self.engine.output_flushed(key, len);
         packets
     }
 
-    fn connect(&mut self, id: &str, clean: bool, expiry: u32, will: Option<LastWill>) -> ConnKey {
-        let key = self.engine.accept(self.now);
+    pub(super) fn connect(
+        &mut self,
+        id: &str,
+        clean: bool,
+        expiry: u32,
+        will: Option<LastWill>,
+    ) -> ConnKey {
+        let key = self.engine.accept(self.now, None);
         let mut props = ConnectProperties::new();
         props.session_expiry_interval = Some(expiry);
         let connect = wire::Connect {
@@ -67,7 +76,7 @@ impl Harness {
         key
     }
 
-    fn subscribe(&mut self, key: ConnKey, filter: &str, qos: QoS) {
+    pub(super) fn subscribe(&mut self, key: ConnKey, filter: &str, qos: QoS) {
         self.send(
             key,
             Packet::Subscribe(Subscribe::new(Filter::new(filter, qos), None)),
@@ -75,19 +84,19 @@ impl Harness {
         assert!(matches!(self.received(key).as_slice(), [Packet::SubAck(_)]));
     }
 
-    fn publish(&mut self, key: ConnKey, topic: &str, qos: QoS, pkid: u16) {
+    pub(super) fn publish(&mut self, key: ConnKey, topic: &str, qos: QoS, pkid: u16) {
         let mut p = Publish::new(topic, qos, Bytes::from_static(b"x"), None);
         p.pkid = pkid;
         self.send(key, Packet::Publish(p));
     }
 
-    fn advance(&mut self, secs: u64) {
+    pub(super) fn advance(&mut self, secs: u64) {
         self.now += Duration::from_secs(secs);
         self.engine.tick(self.now);
     }
 }
 
-fn publishes(packets: &[Packet]) -> Vec<&Publish> {
+pub(super) fn publishes(packets: &[Packet]) -> Vec<&Publish> {
     packets
         .iter()
         .filter_map(|p| match p {
@@ -198,7 +207,7 @@ fn unacknowledged_qos1_is_resent_with_dup_on_resume() {
     let first = publishes(&first)[0].clone();
     assert!(!first.dup);
     h.engine.connection_lost(sub, h.now);
-    let key = h.engine.accept(h.now);
+    let key = h.engine.accept(h.now, None);
     let connect = wire::Connect {
         keep_alive: 10,
         client_id: "s".into(),
@@ -259,6 +268,64 @@ fn offline_queue_is_bounded() {
 /// per session, so growing them is a decision to make knowingly (docs/PERFORMANCE.md).
 #[test]
 fn per_connection_structs_stay_small() {
-    assert!(std::mem::size_of::<super::Conn>() <= 160, "Conn grew");
+    let conn = std::mem::size_of::<super::Conn>();
+    assert!(conn <= 168, "Conn grew to {conn}");
     assert!(std::mem::size_of::<super::Session>() <= 240, "Session grew");
+}
+
+/// Each driver sees only its own connections: QUIC connections served directly go on the
+/// QUIC dirty list, and their handoffs are not in the TCP reactor's list.
+#[test]
+fn quic_connections_have_their_own_dirty_list_and_handoffs() {
+    let mut h = Harness::new();
+    let tcp = h.connect("dirty-tcp", true, 0, None);
+    let quic = h
+        .engine
+        .accept_quic(h.now, std::net::IpAddr::from([127, 0, 0, 1]));
+    let connect = wire::Connect {
+        keep_alive: 0,
+        client_id: "dirty-quic".into(),
+        clean_start: true,
+        properties: None,
+    };
+    h.send(quic, Packet::Connect(connect, None, None));
+    let mut keys = Vec::new();
+    h.engine.take_dirty_quic(&mut keys);
+    assert_eq!(keys, [quic], "the CONNACK");
+    h.engine.take_dirty(&mut keys);
+    assert!(!keys.contains(&quic));
+    h.received(quic);
+    h.subscribe(quic, "d/#", QoS::AtMostOnce);
+    h.received(quic);
+    h.engine.take_dirty_quic(&mut keys);
+    h.engine.take_dirty(&mut keys);
+    h.publish(tcp, "d/1", QoS::AtMostOnce, 0);
+    h.engine.take_dirty_quic(&mut keys);
+    assert_eq!(keys, [quic], "the delivery");
+    h.engine.take_dirty(&mut keys);
+    assert!(!keys.contains(&quic));
+
+    // Worker 0 of 2: a client id living on worker 1 leaves, on the QUIC driver's list.
+    let mut engine = Engine::new(Rc::new(Config::default()), Box::new(Standalone), 0, 2);
+    let id = (0..)
+        .map(|i| format!("away-{i}"))
+        .find(|id| crate::cluster::home_worker(id, 2) == 1)
+        .unwrap();
+    let key = engine.accept_quic(h.now, std::net::IpAddr::from([127, 0, 0, 1]));
+    let connect = wire::Connect {
+        keep_alive: 0,
+        client_id: id,
+        clean_start: true,
+        properties: None,
+    };
+    let mut bytes = BytesMut::new();
+    Packet::Connect(connect, None, None)
+        .write(&mut bytes, None)
+        .unwrap();
+    let sent = Bytes::copy_from_slice(&bytes);
+    engine.handle_read(key, &mut bytes, h.now);
+    assert!(engine.take_handoffs().is_empty());
+    assert_eq!(engine.take_quic_handoff(key), Some((1, sent)));
+    assert_eq!(engine.tcp_connection_count(), 0);
+    assert_eq!(engine.connection_count(), 1);
 }

@@ -46,6 +46,8 @@ pub struct TcpReactor {
     unfinished_reads: Vec<ConnKey>,
     dirty: Vec<ConnKey>,
     accept_paused_until: Option<Instant>,
+    /// Throttled connections (over their publish rate) and when to read them again.
+    paused_reads: Vec<(Instant, ConnKey)>,
 }
 
 /// Why the loop woke up.
@@ -53,6 +55,8 @@ enum Wake {
     /// Socket readiness or dirty connections: a plain turn handles both.
     Io,
     AcceptRetry,
+    /// A throttled connection's pause ended.
+    ResumeReads,
     Shutdown,
     DrainDeadline,
 }
@@ -86,6 +90,7 @@ impl TcpReactor {
             unfinished_reads: Vec::new(),
             dirty: Vec::new(),
             accept_paused_until: None,
+            paused_reads: Vec::new(),
         })
     }
 
@@ -100,7 +105,8 @@ impl TcpReactor {
         let mut drain_deadline = None;
         loop {
             self.turn();
-            if drain_deadline.is_some() && self.engine.borrow().connection_count() == 0 {
+            // QUIC connections served directly are the QUIC driver's to drain.
+            if drain_deadline.is_some() && self.engine.borrow().tcp_connection_count() == 0 {
                 return Ok(());
             }
             let events_left = self.events.iter().count() == EVENTS_PER_TURN;
@@ -110,6 +116,7 @@ impl TcpReactor {
                 continue;
             }
             let accept_retry = self.accept_paused_until;
+            let resume_at = self.paused_reads.iter().map(|&(at, _)| at).min();
             let draining = drain_deadline.is_some();
             let deadline = drain_deadline.unwrap_or_else(tokio::time::Instant::now);
             let wake = tokio::select! {
@@ -120,6 +127,7 @@ impl TcpReactor {
                 }
                 _ = poll_fn(|cx| self.engine.borrow().poll_dirty(cx)) => Wake::Io,
                 _ = sleep_until(accept_retry), if accept_retry.is_some() => Wake::AcceptRetry,
+                _ = sleep_until(resume_at), if resume_at.is_some() => Wake::ResumeReads,
                 _ = &mut shutdown, if !draining => Wake::Shutdown,
                 _ = tokio::time::sleep_until(deadline), if draining => Wake::DrainDeadline,
             };
@@ -128,6 +136,17 @@ impl TcpReactor {
                 Wake::AcceptRetry => {
                     self.accept_paused_until = None;
                     self.accept_all();
+                }
+                Wake::ResumeReads => {
+                    let now = Instant::now();
+                    let unfinished = &mut self.unfinished_reads;
+                    self.paused_reads.retain(|&(at, key)| {
+                        let due = at <= now;
+                        if due {
+                            unfinished.push(key);
+                        }
+                        !due
+                    });
                 }
                 Wake::Shutdown => {
                     drain_deadline = Some(tokio::time::Instant::now() + DRAIN_DEADLINE);
@@ -202,7 +221,8 @@ impl TcpReactor {
         let adopted = self.engine.borrow_mut().take_adopted();
         for (socket, bytes) in adopted {
             let now = Instant::now();
-            let key = self.engine.borrow_mut().accept(now);
+            // Rate-checked where it arrived: no address for the per-IP connect rate here.
+            let key = self.engine.borrow_mut().accept(now, None);
             self.install(key, TcpStream::from_std(std::net::TcpStream::from(socket)));
             let mut buf = BytesMut::from(&bytes[..]);
             self.engine.borrow_mut().handle_read(key, &mut buf, now);
@@ -227,6 +247,9 @@ impl TcpReactor {
             self.streams.resize_with(key + 1, || None);
         }
         self.streams[key] = Some(stream);
+        // What this loop keeps per connection, for the engine's accountant.
+        let slot = std::mem::size_of::<Option<TcpStream>>() as u32;
+        self.engine.borrow_mut().set_transport_bytes(key, slot);
     }
 
     fn accept_all(&mut self) {
@@ -236,9 +259,9 @@ impl TcpReactor {
         let mut accepted = Vec::new();
         loop {
             match listener.accept() {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    accepted.push(stream);
+                    accepted.push((stream, peer));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -253,8 +276,8 @@ impl TcpReactor {
             }
         }
         let now = Instant::now();
-        for stream in accepted {
-            let key = self.engine.borrow_mut().accept(now);
+        for (stream, peer) in accepted {
+            let key = self.engine.borrow_mut().accept(now, Some(peer.ip()));
             self.install(key, stream);
         }
     }
@@ -269,6 +292,11 @@ impl TcpReactor {
     fn read(&mut self, key: ConnKey) {
         let mut engine = self.engine.borrow_mut();
         for _ in 0..READ_BUDGET {
+            if let Some(until) = engine.read_paused_until(key, Instant::now()) {
+                // Over its publish rate: the socket stays unread until the pause ends.
+                self.paused_reads.push((until, key));
+                return;
+            }
             let Some(stream) = self.streams.get_mut(key).and_then(Option::as_mut) else {
                 return;
             };
@@ -288,7 +316,13 @@ impl TcpReactor {
                     // Give any partial packet back to the connection before leaving.
                     engine.handle_read(key, &mut self.scratch, now);
                     match e.kind() {
-                        io::ErrorKind::WouldBlock => return,
+                        io::ErrorKind::WouldBlock => {
+                            if let Some(until) = engine.read_paused_until(key, now) {
+                                // Complete packets wait in the connection until the pause ends.
+                                self.paused_reads.push((until, key));
+                            }
+                            return;
+                        }
                         io::ErrorKind::Interrupted => continue,
                         _ => {
                             tracing::debug!(conn = key, "read error: {e}");
@@ -328,7 +362,9 @@ impl TcpReactor {
         let mut engine = self.engine.borrow_mut();
         let mut written = 0;
         let mut failed = false;
+        let mut had_output = false;
         if let Some(out) = engine.output(key) {
+            had_output = !out.is_empty();
             while !out.is_empty() {
                 match stream.write(out) {
                     Ok(0) => {
@@ -349,7 +385,7 @@ impl TcpReactor {
                 }
             }
         }
-        if written > 0 {
+        if had_output {
             engine.output_flushed(key, written);
         }
         let drained = engine.output(key).is_none_or(|out| out.is_empty());

@@ -10,11 +10,16 @@ use std::time::{Duration, Instant};
 
 pub mod clients;
 pub mod procs;
+pub mod prom;
 
 /// A running broker process. Dropping it stops the process and checks it had not died.
 pub struct Broker {
     child: Child,
     pub addr: SocketAddr,
+    /// The HTTP metrics endpoint (`/metrics`, `/health`, `/ready`).
+    pub metrics_addr: SocketAddr,
+    /// The MQTT-over-QUIC (UDP) address, from `mqttd listening quic ADDR`.
+    pub quic_addr: Option<SocketAddr>,
     /// Stopped on purpose by the test (by a signal): Drop does not call that a crash.
     stopped: bool,
 }
@@ -40,7 +45,7 @@ impl Broker {
     }
 
     /// Starts mqttd with `workers` worker processes; returns once it printed
-    /// `mqttd listening tcp ADDR` (every worker is ready).
+    /// `mqttd listening tcp ADDR` and `mqttd listening metrics ADDR` (every worker is ready).
     pub fn start_workers(workers: u16, sets: &[&str]) -> Broker {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqttd"));
         cmd.args([
@@ -50,6 +55,10 @@ impl Broker {
             "mqttd_broker=debug,info",
             "--workers",
             &workers.to_string(),
+            "--set",
+            "metrics.bind=\"127.0.0.1:0\"",
+            "--set",
+            "quic.bind=\"127.0.0.1:0\"",
         ]);
         for s in sets {
             cmd.args(["--set", s]);
@@ -63,18 +72,36 @@ impl Broker {
         let mut broker = Broker {
             child,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            quic_addr: None,
             stopped: false,
         };
         let stdout = broker.child.stdout.take().expect("stdout");
-        // The broker prints "mqttd listening tcp ADDR" once bound; read until then.
+        // Once every worker is ready the broker prints "mqttd listening tcp ADDR", then the
+        // QUIC and metrics lines (unless a test turned those off); read until all are known.
+        let off = |key: &str| {
+            sets.iter()
+                .any(|s| s.replace(' ', "") == format!("{key}=false"))
+        };
+        let (mut tcp, mut quic, mut metrics) = (false, off("quic.enabled"), off("metrics.enabled"));
         let mut line = String::new();
         let mut reader = BufReader::new(stdout);
         loop {
             line.clear();
             let n = reader.read_line(&mut line).expect("read mqttd stdout");
             assert!(n > 0, "mqttd exited before listening");
-            if let Some(addr) = line.trim().strip_prefix("mqttd listening tcp ") {
+            let l = line.trim();
+            if let Some(addr) = l.strip_prefix("mqttd listening tcp ") {
                 broker.addr = addr.parse().expect("listen address");
+                tcp = true;
+            } else if let Some(addr) = l.strip_prefix("mqttd listening quic ") {
+                broker.quic_addr = Some(addr.parse().expect("quic address"));
+                quic = true;
+            } else if let Some(addr) = l.strip_prefix("mqttd listening metrics ") {
+                broker.metrics_addr = addr.parse().expect("metrics address");
+                metrics = true;
+            }
+            if tcp && quic && metrics {
                 // Keep draining stdout so the broker never blocks on a full pipe.
                 std::thread::spawn(move || for _ in reader.lines() {});
                 return broker;

@@ -1,0 +1,3 @@
+//! The reusable part of `mqttd-bench`: clients other crates' tests use too.
+
+pub mod quic_client;
