@@ -20,9 +20,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 python3 -c 'import paho.mqtt, pytest, aioquic' 2>/dev/null || python3 -m pip install -q -r tests/requirements.txt
 
-cargo build --workspace --bins
+# One build, with the tests' feature set: `cargo test` also builds the binaries (the bench
+# tests and the interop suite use target/debug/mqttd), and a separate `cargo build` would
+# compile much of the graph a second time with other features (disk is short on CI).
 # The metrics tests check configs/ with promtool: fail rather than skip if it is missing.
 MQTTD_REQUIRE_PROMTOOL=1 cargo test --workspace
+export MQTTD_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/mqttd"
 python3 -m pytest tests/interop -q
 # The foundation's suites again, unchanged, against a broker of 4 worker processes.
 MQTTD_TEST_WORKERS=4 cargo test -p mqttd-supervisor --test v311 --test v5 --test ordering --test malformed
