@@ -58,7 +58,7 @@ impl Default for QuicConfig {
             stream_receive_window: 64 * 1024,
             receive_window: 256 * 1024,
             send_window: 256 * 1024,
-            max_streams: 16,
+            max_streams: 4,
             congestion: Congestion::Cubic,
         }
     }
