@@ -66,11 +66,13 @@ const DIRTY_ROUNDS: usize = 8;
 /// What a QUIC connection's transport state costs, for the engine's accountant: the
 /// boxed `quinn_proto::Connection` with its rustls keys, stream maps, retained TLS session,
 /// sent-packet tracking and CIDs, plus the relay and timer entry. Measured (heaptrack, 3,000
-/// idle connections, docs/PERFORMANCE.md): ~19.4 KB of live heap per idle connection,
-/// of which ~0.5 KB is the engine connection the accountant already counts. An estimate:
+/// idle connections, docs/PERFORMANCE.md): ~19.3 KB of live heap per idle connection
+/// before the vendored quinn-proto's lazy next keys (-1.2 KB) and `quic.max_streams` 4
+/// (-1 KB), of which ~0.5 KB is the engine connection the accountant already counts;
+/// RSS per idle connection 18.5 KB. An estimate:
 /// streams' data in flight is not included (bounded by the windows, as a TCP socket's
 /// kernel buffers are not counted either).
-pub const QUIC_CONNECTION_BYTES: u32 = 19_000;
+pub const QUIC_CONNECTION_BYTES: u32 = 17_000;
 /// No engine connection in `Driver::by_key`.
 const NO_CONN: u32 = u32::MAX;
 
