@@ -633,9 +633,9 @@ async fn local_quic_clients_use_no_descriptor() {
     }
     assert_eq!(open_fds(worker), before, "10 QUIC sessions held");
     // The accountant charges each QUIC connection its transport state (`driver.rs`,
-    // QUIC_CONNECTION_BYTES = 17,000 B) on top of the engine's own.
+    // QUIC_CONNECTION_BYTES = 11,400 B) on top of the engine's own.
     let accounted = common::prom::scrape(&broker).sum("mqttd_accounted_bytes", &[]);
-    assert!(accounted >= 10.0 * 17_000.0, "accounted {accounted} B");
+    assert!(accounted >= 10.0 * 11_400.0, "accounted {accounted} B");
     let tcp = tcp::connect(tcp::opts(&broker, &raw::client_id("fd-tcp"))).await;
     assert_eq!(open_fds(worker), before + 1, "plus one TCP session");
     drop(tcp);

@@ -64,15 +64,14 @@ const UDP: Token = Token(usize::MAX);
 /// Rounds of "drive the dirty connections" per turn before other tasks get a go.
 const DIRTY_ROUNDS: usize = 8;
 /// What a QUIC connection's transport state costs, for the engine's accountant: the
-/// boxed `quinn_proto::Connection` with its rustls keys, stream maps, retained TLS session,
-/// sent-packet tracking and CIDs, plus the relay and timer entry. Measured (heaptrack, 3,000
-/// idle connections, docs/PERFORMANCE.md): ~19.3 KB of live heap per idle connection
-/// before the vendored quinn-proto's lazy next keys (-1.2 KB) and `quic.max_streams` 4
-/// (-1 KB), of which ~0.5 KB is the engine connection the accountant already counts;
-/// RSS per idle connection 18.5 KB. An estimate:
+/// boxed `quinn_proto::Connection` with its 1-RTT keys, stream maps and CIDs, plus the
+/// relay and timer entry (the vendored quinn-proto drops the rustls session after the
+/// handshake, and an idle connection keeps no sent-packet tracking or drained queues).
+/// Measured (docs/PERFORMANCE.md, 2026-12-04): RSS 11.9 KB per idle QUIC connection, of
+/// which ~0.5 KB is the engine connection the accountant already counts. An estimate:
 /// streams' data in flight is not included (bounded by the windows, as a TCP socket's
 /// kernel buffers are not counted either).
-pub const QUIC_CONNECTION_BYTES: u32 = 17_000;
+pub const QUIC_CONNECTION_BYTES: u32 = 11_400;
 /// No engine connection in `Driver::by_key`.
 const NO_CONN: u32 = u32::MAX;
 
@@ -489,6 +488,13 @@ impl Driver {
             // The relay (and its socketpair end, or its engine connection) goes with it.
             self.release(&mut conn, now, engine);
             return;
+        }
+        // Nothing more to do now: drop what an idle connection need not keep (quinn-proto's
+        // tracking of ACK-only packets the client may never acknowledge, ~1.1 KB; the
+        // relay's empty queues).
+        conn.quic.release_idle_memory();
+        if let Stage::Relaying(relay) = &mut conn.stage {
+            relay.release_idle_memory();
         }
         let stage_deadline = match &conn.stage {
             Stage::Opening { deadline } | Stage::Lingering { deadline, .. } => Some(*deadline),

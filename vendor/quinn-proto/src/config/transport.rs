@@ -54,6 +54,8 @@ pub struct TransportConfig {
     pub(crate) congestion_controller_factory: Arc<dyn congestion::ControllerFactory + Send + Sync>,
 
     pub(crate) enable_segmentation_offload: bool,
+    /// mqttd: at most this many of our connection IDs are active at the peer at once.
+    pub(crate) max_issued_cids: u64,
 
     pub(crate) qlog_sink: QlogSink,
 }
@@ -353,6 +355,17 @@ impl TransportConfig {
         self
     }
 
+    /// mqttd: the most connection IDs this endpoint keeps issued to the peer at once (still
+    /// at most the peer's `active_connection_id_limit`; at least 2, so that the peer always
+    /// has a spare one to migrate to).
+    ///
+    /// Defaults to 8. Each issued ID costs an entry in the endpoint's index and in the
+    /// connection's own state: for many mostly idle connections, 2 is enough.
+    pub fn max_issued_connection_ids(&mut self, n: u64) -> &mut Self {
+        self.max_issued_cids = n.clamp(2, crate::LOC_CID_COUNT);
+        self
+    }
+
     /// qlog capture configuration to use for a particular connection
     #[cfg(feature = "qlog")]
     pub fn qlog_stream(&mut self, stream: Option<QlogStream>) -> &mut Self {
@@ -400,6 +413,7 @@ impl Default for TransportConfig {
             congestion_controller_factory: Arc::new(congestion::CubicConfig::default()),
 
             enable_segmentation_offload: true,
+            max_issued_cids: crate::LOC_CID_COUNT,
 
             qlog_sink: QlogSink::default(),
         }
@@ -434,6 +448,7 @@ impl fmt::Debug for TransportConfig {
                 deterministic_packet_numbers: _,
             congestion_controller_factory: _,
             enable_segmentation_offload,
+            max_issued_cids,
             qlog_sink,
         } = self;
         let mut s = fmt.debug_struct("TransportConfig");
@@ -463,7 +478,8 @@ impl fmt::Debug for TransportConfig {
             .field("datagram_receive_buffer_size", datagram_receive_buffer_size)
             .field("datagram_send_buffer_size", datagram_send_buffer_size)
             // congestion_controller_factory not debug
-            .field("enable_segmentation_offload", enable_segmentation_offload);
+            .field("enable_segmentation_offload", enable_segmentation_offload)
+            .field("max_issued_cids", max_issued_cids);
         if cfg!(feature = "qlog") {
             s.field("qlog_stream", &qlog_sink.is_enabled());
         }

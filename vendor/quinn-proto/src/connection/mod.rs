@@ -2215,6 +2215,10 @@ impl Connection {
         space.crypto = None;
         space.time_of_last_ack_eliciting_packet = None;
         space.loss_time = None;
+        // mqttd: a space without keys neither reads nor sends CRYPTO data again: free the
+        // buffers its handshake left behind (~1 KB per connection for Initial and Handshake).
+        space.crypto_stream = assembler::Assembler::new();
+        space.pending = Retransmits::default();
         let sent_packets = mem::take(&mut space.sent_packets);
         for packet in sent_packets.into_values() {
             self.remove_in_flight(&packet);
@@ -2896,7 +2900,7 @@ impl Connection {
                 Frame::RetireConnectionId { sequence } => {
                     let allow_more_cids = self
                         .local_cid_state
-                        .on_cid_retirement(sequence, self.peer_params.issue_cids_limit())?;
+                        .on_cid_retirement(sequence, self.issue_cids_limit())?;
                     self.endpoint_events
                         .push_back(EndpointEventInner::RetireConnectionId(
                             now,
@@ -3128,13 +3132,21 @@ impl Connection {
     }
 
     /// Issue an initial set of connection IDs to the peer upon connection
+    /// How many of our connection IDs the peer may hold at once (mqttd: also capped by
+    /// `TransportConfig::max_issued_connection_ids`).
+    fn issue_cids_limit(&self) -> u64 {
+        self.peer_params
+            .issue_cids_limit()
+            .min(self.config.max_issued_cids)
+    }
+
     fn issue_first_cids(&mut self, now: Instant) {
         if self.local_cid_state.cid_len() == 0 {
             return;
         }
 
         // Subtract 1 to account for the CID we supplied while handshaking
-        let mut n = self.peer_params.issue_cids_limit() - 1;
+        let mut n = self.issue_cids_limit() - 1;
         if let ConnectionSide::Server { server_config } = &self.side {
             if server_config.has_preferred_address() {
                 // We also sent a CID in the transport parameters
@@ -3735,6 +3747,25 @@ impl Connection {
     }
 
     /// Update counters to account for a packet becoming acknowledged, lost, or abandoned
+    /// mqttd: gives back memory an idle connection does not need: the tracking of sent
+    /// ACK-only packets (see `PacketSpace::forget_non_ack_eliciting`) and the storage of
+    /// drained event queues. Cheap; meant to be called whenever the connection has nothing
+    /// more to do for now.
+    pub fn release_idle_memory(&mut self) {
+        // Drained queues keep their capacity (~0.4 KB together after a handshake).
+        if self.events.is_empty() {
+            self.events = VecDeque::new();
+        }
+        if self.endpoint_events.is_empty() {
+            self.endpoint_events = VecDeque::new();
+        }
+        if let Some(forgotten) = self.spaces[SpaceId::Data].forget_non_ack_eliciting() {
+            for packet in forgotten.into_values() {
+                self.remove_in_flight(&packet);
+            }
+        }
+    }
+
     fn remove_in_flight(&mut self, packet: &SentPacket) {
         // Visit known paths from newest to oldest to find the one `packet` was sent on
         for path in [&mut self.path]

@@ -256,6 +256,21 @@ impl PacketSpace {
         forgotten
     }
 
+    /// mqttd: forgets the packets tracked here if none of them is ACK-eliciting, and frees the
+    /// map's node (an emptied `BTreeMap` keeps it: ~1.1 KB). Such packets carry only ACK,
+    /// PADDING or CONNECTION_CLOSE frames and need no handling on ACK or loss beyond the
+    /// in-flight counters (see [`Self::sent`], which forgets them the same way); the cost is
+    /// that their ACK ranges are not trimmed when the peer acknowledges them, which later
+    /// ACK-eliciting packets do. An idle connection's last packets are such an ACK-only
+    /// tail, which a peer that has nothing to send never acknowledges.
+    pub(super) fn forget_non_ack_eliciting(&mut self) -> Option<BTreeMap<u64, SentPacket>> {
+        if self.sent_packets.len() as u64 != self.unacked_non_ack_eliciting_tail {
+            return None;
+        }
+        self.unacked_non_ack_eliciting_tail = 0;
+        Some(mem::take(&mut self.sent_packets))
+    }
+
     /// Whether any congestion-controlled packets in this space are not yet acknowledged or lost
     pub(super) fn has_in_flight(&self) -> bool {
         // The number of non-congestion-controlled (i.e. size == 0) packets in flight at a time

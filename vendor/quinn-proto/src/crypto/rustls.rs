@@ -38,17 +38,71 @@ impl From<Side> for rustls::Side {
 pub struct TlsSession {
     version: Version,
     got_handshake_data: bool,
+    /// mqttd: drop a server's rustls connection after the handshake (see [`Tls`]).
+    release_after_handshake: bool,
     next_secrets: Option<Secrets>,
-    inner: Connection,
+    inner: Tls,
     suite: Suite,
+}
+
+/// mqttd: a server's rustls connection (~3.5 KB of record-layer keys, deframer buffers and
+/// handshake state, boxed so that its inline part goes too) is dropped once the handshake
+/// is over and everything it had to send is written; what is still asked of it afterwards
+/// is kept in [`Finished`]. A QUIC server has nothing left for rustls then: the 1-RTT keys
+/// and the secrets for key updates are already out, and no post-handshake TLS message is
+/// valid from a QUIC client. What is lost: `export_keying_material` after the handshake,
+/// which is why it is opt-in ([`QuicServerConfig::release_tls_after_handshake`]).
+enum Tls {
+    Live(Box<Connection>),
+    Finished(Finished),
+}
+
+/// What a server session still answers once its rustls connection is gone.
+struct Finished {
+    alpn: Option<Vec<u8>>,
+    server_name: Option<String>,
+    peer_certificates: Option<Vec<CertificateDer<'static>>>,
+}
+
+impl Tls {
+    fn live(&self) -> Option<&Connection> {
+        match self {
+            Self::Live(conn) => Some(conn),
+            Self::Finished(_) => None,
+        }
+    }
 }
 
 impl TlsSession {
     fn side(&self) -> Side {
-        match self.inner {
-            Connection::Client(_) => Side::Client,
-            Connection::Server(_) => Side::Server,
+        match &self.inner {
+            Tls::Live(conn) => match **conn {
+                Connection::Client(_) => Side::Client,
+                Connection::Server(_) => Side::Server,
+            },
+            Tls::Finished(_) => Side::Server,
         }
+    }
+
+    /// mqttd: drops a server's rustls connection once its handshake is complete and written.
+    fn finish_server_handshake(&mut self) {
+        if !self.release_after_handshake {
+            return;
+        }
+        let finished = match &self.inner {
+            Tls::Live(conn) => match &**conn {
+                Connection::Server(server) if !server.is_handshaking() => Finished {
+                    alpn: server.alpn_protocol().map(|x| x.into()),
+                    server_name: server.server_name().map(|x| x.into()),
+                    peer_certificates: server
+                        .peer_certificates()
+                        .map(|v| v.iter().map(|c| c.clone().into_owned()).collect()),
+                },
+                _ => return,
+            },
+            Tls::Finished(_) => return,
+        };
+        self.inner = Tls::Finished(finished);
     }
 }
 
@@ -61,15 +115,23 @@ impl crypto::Session for TlsSession {
         if !self.got_handshake_data {
             return None;
         }
+        let inner = match &self.inner {
+            Tls::Live(conn) => conn,
+            Tls::Finished(done) => {
+                return Some(Box::new(HandshakeData {
+                    protocol: done.alpn.clone(),
+                    server_name: done.server_name.clone(),
+                }));
+            }
+        };
         Some(Box::new(HandshakeData {
-            protocol: self.inner.alpn_protocol().map(|x| x.into()),
-            server_name: match self.inner {
+            protocol: inner.alpn_protocol().map(|x| x.into()),
+            server_name: match **inner {
                 Connection::Client(_) => None,
                 Connection::Server(ref session) => session.server_name().map(|x| x.into()),
             },
             #[cfg(feature = "__rustls-post-quantum-test")]
-            negotiated_key_exchange_group: self
-                .inner
+            negotiated_key_exchange_group: inner
                 .negotiated_key_exchange_group()
                 .expect("key exchange group is negotiated")
                 .name(),
@@ -78,7 +140,16 @@ impl crypto::Session for TlsSession {
 
     /// For the rustls `TlsSession`, the `Any` type is `Vec<rustls::pki_types::CertificateDer>`
     fn peer_identity(&self) -> Option<Box<dyn Any>> {
-        self.inner.peer_certificates().map(|v| -> Box<dyn Any> {
+        let inner = match &self.inner {
+            Tls::Live(conn) => conn,
+            Tls::Finished(done) => {
+                return done
+                    .peer_certificates
+                    .clone()
+                    .map(|v| -> Box<dyn Any> { Box::new(v) });
+            }
+        };
+        inner.peer_certificates().map(|v| -> Box<dyn Any> {
             Box::new(
                 v.iter()
                     .map(|v| v.clone().into_owned())
@@ -88,24 +159,37 @@ impl crypto::Session for TlsSession {
     }
 
     fn early_crypto(&self) -> Option<(Box<dyn HeaderKey>, Box<dyn crypto::PacketKey>)> {
-        let keys = self.inner.zero_rtt_keys()?;
+        let keys = self.inner.live()?.zero_rtt_keys()?;
         Some((Box::new(keys.header), Box::new(keys.packet)))
     }
 
     fn early_data_accepted(&self) -> Option<bool> {
-        match self.inner {
-            Connection::Client(ref session) => Some(session.is_early_data_accepted()),
+        match self.inner.live()? {
+            Connection::Client(session) => Some(session.is_early_data_accepted()),
             _ => None,
         }
     }
 
     fn is_handshaking(&self) -> bool {
-        self.inner.is_handshaking()
+        self.inner.live().is_some_and(|conn| conn.is_handshaking())
     }
 
     fn read_handshake(&mut self, buf: &[u8]) -> Result<bool, TransportError> {
-        self.inner.read_hs(buf).map_err(|e| {
-            if let Some(alert) = self.inner.alert() {
+        let inner = match &mut self.inner {
+            Tls::Live(conn) => conn,
+            // What rustls answers a post-handshake message a QUIC client may not send.
+            Tls::Finished(_) => {
+                return Err(TransportError {
+                    code: TransportErrorCode::crypto(
+                        rustls::AlertDescription::UnexpectedMessage.into(),
+                    ),
+                    frame: None,
+                    reason: "TLS message after the handshake".into(),
+                });
+            }
+        };
+        inner.read_hs(buf).map_err(|e| {
+            if let Some(alert) = inner.alert() {
                 TransportError {
                     code: TransportErrorCode::crypto(alert.into()),
                     frame: None,
@@ -119,11 +203,11 @@ impl crypto::Session for TlsSession {
             // Hack around the lack of an explicit signal from rustls to reflect ClientHello being
             // ready on incoming connections, or ALPN negotiation completing on outgoing
             // connections.
-            let have_server_name = match self.inner {
+            let have_server_name = match **inner {
                 Connection::Client(_) => false,
                 Connection::Server(ref session) => session.server_name().is_some(),
             };
-            if self.inner.alpn_protocol().is_some() || have_server_name || !self.is_handshaking() {
+            if inner.alpn_protocol().is_some() || have_server_name || !inner.is_handshaking() {
                 self.got_handshake_data = true;
                 return Ok(true);
             }
@@ -132,7 +216,12 @@ impl crypto::Session for TlsSession {
     }
 
     fn transport_parameters(&self) -> Result<Option<TransportParameters>, TransportError> {
-        match self.inner.quic_transport_parameters() {
+        // mqttd: a finished server session was asked for them long before (with the Initial).
+        match self
+            .inner
+            .live()
+            .and_then(|conn| conn.quic_transport_parameters())
+        {
             None => Ok(None),
             Some(buf) => match TransportParameters::read(self.side(), &mut io::Cursor::new(buf)) {
                 Ok(params) => Ok(Some(params)),
@@ -142,7 +231,15 @@ impl crypto::Session for TlsSession {
     }
 
     fn write_handshake(&mut self, buf: &mut Vec<u8>) -> Option<Keys> {
-        let keys = match self.inner.write_hs(buf)? {
+        let Tls::Live(inner) = &mut self.inner else {
+            return None;
+        };
+        let Some(change) = inner.write_hs(buf) else {
+            // Everything rustls had to send is in `buf`: a finished server needs it no more.
+            self.finish_server_handshake();
+            return None;
+        };
+        let keys = match change {
             KeyChange::Handshake { keys } => keys,
             KeyChange::OneRtt { keys, next } => {
                 self.next_secrets = Some(next);
@@ -205,6 +302,8 @@ impl crypto::Session for TlsSession {
         context: &[u8],
     ) -> Result<(), ExportKeyingMaterialError> {
         self.inner
+            .live()
+            .ok_or(ExportKeyingMaterialError)?
             .export_keying_material(output, label, Some(context))
             .map_err(|_| ExportKeyingMaterialError)?;
         Ok(())
@@ -364,8 +463,9 @@ impl crypto::ClientConfig for QuicClientConfig {
         Ok(Box::new(TlsSession {
             version,
             got_handshake_data: false,
+            release_after_handshake: false,
             next_secrets: None,
-            inner: rustls::quic::Connection::Client(
+            inner: Tls::Live(Box::new(rustls::quic::Connection::Client(
                 rustls::quic::ClientConnection::new(
                     self.inner.clone(),
                     version,
@@ -375,7 +475,7 @@ impl crypto::ClientConfig for QuicClientConfig {
                     to_vec(params),
                 )
                 .unwrap(),
-            ),
+            ))),
             suite: self.initial,
         }))
     }
@@ -440,6 +540,7 @@ impl std::error::Error for NoInitialCipherSuite {}
 pub struct QuicServerConfig {
     inner: Arc<rustls::ServerConfig>,
     initial: Suite,
+    release_after_handshake: bool,
 }
 
 impl QuicServerConfig {
@@ -453,6 +554,7 @@ impl QuicServerConfig {
             initial: initial_suite_from_provider(inner.crypto_provider())
                 .expect("no initial cipher suite found"),
             inner: Arc::new(inner),
+            release_after_handshake: false,
         })
     }
 
@@ -464,9 +566,20 @@ impl QuicServerConfig {
         initial: Suite,
     ) -> Result<Self, NoInitialCipherSuite> {
         match initial.suite.common.suite {
-            CipherSuite::TLS13_AES_128_GCM_SHA256 => Ok(Self { inner, initial }),
+            CipherSuite::TLS13_AES_128_GCM_SHA256 => Ok(Self {
+                inner,
+                initial,
+                release_after_handshake: false,
+            }),
             _ => Err(NoInitialCipherSuite { specific: true }),
         }
+    }
+
+    /// mqttd: drop each connection's rustls state once its handshake is over (~3.5 KB per
+    /// connection kept otherwise). Afterwards `export_keying_material` fails and
+    /// `handshake_data`/`peer_identity` answer from what was kept.
+    pub fn release_tls_after_handshake(&mut self, release: bool) {
+        self.release_after_handshake = release;
     }
 
     /// Initialize a sane QUIC-compatible TLS server configuration
@@ -505,6 +618,7 @@ impl TryFrom<Arc<rustls::ServerConfig>> for QuicServerConfig {
             initial: initial_suite_from_provider(inner.crypto_provider())
                 .ok_or(NoInitialCipherSuite { specific: false })?,
             inner,
+            release_after_handshake: false,
         })
     }
 }
@@ -520,11 +634,12 @@ impl crypto::ServerConfig for QuicServerConfig {
         Box::new(TlsSession {
             version,
             got_handshake_data: false,
+            release_after_handshake: self.release_after_handshake,
             next_secrets: None,
-            inner: rustls::quic::Connection::Server(
+            inner: Tls::Live(Box::new(rustls::quic::Connection::Server(
                 rustls::quic::ServerConnection::new(self.inner.clone(), version, to_vec(params))
                     .unwrap(),
-            ),
+            ))),
             suite: self.initial,
         })
     }

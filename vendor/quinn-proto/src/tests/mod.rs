@@ -1366,6 +1366,60 @@ fn data_blocked_retransmit() {
     );
 }
 
+/// mqttd: a server that drops its rustls state after the handshake (and releases its idle
+/// memory, and issues only 2 connection IDs) still carries data, answers `handshake_data`, and follows a key update.
+#[test]
+fn key_update_after_tls_released() {
+    let _guard = subscribe();
+    let mut crypto = server_crypto_with_alpn(vec![b"mqtt".to_vec()]);
+    crypto.release_tls_after_handshake(true);
+    let mut server = ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = TransportConfig::default();
+    transport.max_issued_connection_ids(2);
+    server.transport_config(Arc::new(transport));
+    let mut pair = Pair::new(Default::default(), server);
+    let client_config =
+        ClientConfig::new(Arc::new(client_crypto_with_alpn(vec![b"mqtt".to_vec()])));
+    let (client_ch, server_ch) = pair.connect_with(client_config);
+    let server_conn = pair.server_conn_mut(server_ch);
+    assert!(!server_conn.crypto_session().is_handshaking());
+    let mut out = [0u8; 16];
+    assert!(
+        server_conn
+            .crypto_session()
+            .export_keying_material(&mut out, b"label", b"context")
+            .is_err()
+    );
+    let data = server_conn
+        .crypto_session()
+        .handshake_data()
+        .unwrap()
+        .downcast::<crate::crypto::rustls::HandshakeData>()
+        .unwrap();
+    assert_eq!(data.protocol.as_deref(), Some(&b"mqtt"[..]));
+
+    let s = pair.client_streams(client_ch).open(Dir::Bi).unwrap();
+    for (round, msg) in [&b"hello1"[..], b"hello2", b"hello3"]
+        .into_iter()
+        .enumerate()
+    {
+        if round == 1 {
+            pair.client_conn_mut(client_ch).force_key_update();
+        }
+        // mqttd: forgetting the ACK-only tail between rounds changes nothing visible.
+        pair.server_conn_mut(server_ch).release_idle_memory();
+        pair.client_send(client_ch, s).write(msg).unwrap();
+        pair.drive();
+        let _ = pair.server_streams(server_ch).accept(Dir::Bi);
+        let mut recv = pair.server_recv(server_ch, s);
+        let mut chunks = recv.read(false).unwrap();
+        assert_matches!(chunks.next(usize::MAX), Ok(Some(chunk)) if chunk.bytes == msg);
+        let _ = chunks.finalize();
+    }
+    assert_eq!(pair.client_conn_mut(client_ch).stats().path.lost_packets, 0);
+    assert_eq!(pair.server_conn_mut(server_ch).stats().path.lost_packets, 0);
+}
+
 #[test]
 fn key_update_simple() {
     let _guard = subscribe();
