@@ -35,6 +35,12 @@ pub struct QuicConfig {
     pub send_window: u64,
     /// Bidirectional streams a client may have open at once (1 = single-stream mode only).
     pub max_streams: u32,
+    /// UDP payload size the broker sends from the start (1200..=1452). 1452 fits any
+    /// 1500-byte Ethernet path: a busy subscriber's messages travel in fewer datagrams, and
+    /// no probing is needed after the handshake. On a narrower path quinn's black-hole
+    /// detection falls back to 1200 after the first losses and path MTU discovery probes
+    /// again later; 1200 is the conservative choice.
+    pub initial_mtu: u16,
     pub congestion: Congestion,
 }
 
@@ -59,6 +65,7 @@ impl Default for QuicConfig {
             receive_window: 256 * 1024,
             send_window: 256 * 1024,
             max_streams: 4,
+            initial_mtu: 1452,
             congestion: Congestion::Cubic,
         }
     }
@@ -93,6 +100,9 @@ impl QuicConfig {
     pub(super) fn validate(&self) -> anyhow::Result<()> {
         if self.cert.is_empty() != self.key.is_empty() {
             anyhow::bail!("quic.cert and quic.key must be set together");
+        }
+        if !(1200..=1452).contains(&self.initial_mtu) {
+            anyhow::bail!("quic.initial_mtu must be within 1200..=1452");
         }
         if self.max_streams == 0 {
             anyhow::bail!("quic.max_streams must be at least 1");
