@@ -109,6 +109,8 @@ struct Conn {
     timer: Option<Instant>,
     /// Already in the driver's list of connections to drive this turn.
     marked: bool,
+    /// The last turn that drove it (see `Driver::settle`).
+    driven_turn: u32,
 }
 
 pub struct Driver {
@@ -123,6 +125,14 @@ pub struct Driver {
     conns: Vec<Option<Box<Conn>>>,
     timers: BTreeSet<(Instant, usize)>,
     marked: Vec<usize>,
+    /// Turns so far (wrapping): tells whether a connection was driven in this one.
+    turn: u32,
+    /// Connections driven this turn, and those driven in the previous one: a connection of
+    /// the previous turn not driven again in this one has gone quiet, and gives back the
+    /// memory an idle connection need not keep (`release_idle_memory`). Deferred by a turn
+    /// so that a busy connection does not free and reallocate its queues every turn.
+    driven: Vec<usize>,
+    settle: Vec<usize>,
     recv_buf: Box<[u8]>,
     recv_slot: usize,
     send_buf: Vec<u8>,
@@ -192,6 +202,9 @@ impl Driver {
             conns: Vec::new(),
             timers: BTreeSet::new(),
             marked: Vec::new(),
+            turn: 0,
+            driven: Vec::new(),
+            settle: Vec::new(),
             recv_buf: vec![0; recv_slot * quinn_udp::BATCH_SIZE].into_boxed_slice(),
             recv_slot,
             send_buf: Vec::with_capacity(max_gso * MAX_UDP_PAYLOAD),
@@ -321,6 +334,29 @@ impl Driver {
             marked.clear();
             self.marked = marked;
         }
+        self.settle_quiet();
+        self.turn = self.turn.wrapping_add(1);
+    }
+
+    /// The connections driven in the previous turn and not in this one have gone quiet:
+    /// they drop what an idle connection need not keep (quinn-proto's tracking of ACK-only
+    /// packets the client may never acknowledge, ~1.1 KB, and drained queues; the relay's
+    /// empty queues).
+    fn settle_quiet(&mut self) {
+        for &index in &self.settle {
+            let Some(conn) = self.conns.get_mut(index).and_then(Option::as_mut) else {
+                continue;
+            };
+            if conn.driven_turn == self.turn {
+                continue;
+            }
+            conn.quic.release_idle_memory();
+            if let Stage::Relaying(relay) = &mut conn.stage {
+                relay.release_idle_memory();
+            }
+        }
+        self.settle.clear();
+        std::mem::swap(&mut self.settle, &mut self.driven);
     }
 
     /// Marks the connections the engine gave output or a close since the last call.
@@ -422,6 +458,7 @@ impl Driver {
                             stage: Stage::Opening { deadline },
                             timer: None,
                             marked: false,
+                            driven_turn: self.turn.wrapping_sub(1),
                         }));
                         mark(&mut self.marked, conn, index);
                     }
@@ -464,6 +501,10 @@ impl Driver {
             return;
         };
         conn.marked = false;
+        if conn.driven_turn != self.turn {
+            conn.driven_turn = self.turn;
+            self.driven.push(index);
+        }
         if conn.quic.poll_timeout().is_some_and(|at| at <= now) {
             conn.quic.handle_timeout(now);
         }
@@ -488,13 +529,6 @@ impl Driver {
             // The relay (and its socketpair end, or its engine connection) goes with it.
             self.release(&mut conn, now, engine);
             return;
-        }
-        // Nothing more to do now: drop what an idle connection need not keep (quinn-proto's
-        // tracking of ACK-only packets the client may never acknowledge, ~1.1 KB; the
-        // relay's empty queues).
-        conn.quic.release_idle_memory();
-        if let Stage::Relaying(relay) = &mut conn.stage {
-            relay.release_idle_memory();
         }
         let stage_deadline = match &conn.stage {
             Stage::Opening { deadline } | Stage::Lingering { deadline, .. } => Some(*deadline),

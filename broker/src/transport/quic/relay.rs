@@ -171,8 +171,7 @@ impl Relay {
     }
     /// Frees the queues' storage once they are empty, so an idle relay holds no buffers
     /// (a drained `VecDeque` keeps its capacity: ~250 B per connection measured). The
-    /// driver calls it after each drive; an active connection pays one small allocation
-    /// per queue per turn.
+    /// driver calls it once the connection has gone quiet (a turn without being driven).
     pub(super) fn release_idle_memory(&mut self) {
         if self.to_engine.is_empty() {
             self.to_engine = VecDeque::new();
