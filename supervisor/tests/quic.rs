@@ -573,6 +573,7 @@ async fn quic_session_retrying(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_moves_quic_clients_to_the_new_worker() {
     let mut broker = Broker::start();
+    let old_workers = common::procs::worker_pids(broker.pid());
     let (_e, conn, mut control) = quic_session(&broker, &raw::client_id("roll-old")).await;
     broker.signal("HUP");
     assert!(
@@ -585,6 +586,12 @@ async fn rolling_restart_moves_quic_clients_to_the_new_worker() {
     let _ = tokio::time::timeout(DEADLINE, conn.closed())
         .await
         .expect("closed");
+    // Until an old worker has exited it shares its slot's UDP socket with its successor and
+    // may read a new connection's datagram, which it answers with a stateless reset
+    // (ARCHITECTURE.md): wait for the old workers to be gone before checking the new ones.
+    for (_, pid) in old_workers {
+        common::procs::wait_until_gone(pid, Duration::from_secs(20)).await;
+    }
     // The new worker serves QUIC on the same port.
     let (_e2, _c2, mut sub) = quic_session_retrying(&broker, &raw::client_id("roll-new")).await;
     subscribe(&mut sub, 1, "roll/#", 1).await;

@@ -54,3 +54,15 @@ pub fn worker_pids(parent: u32) -> Vec<(u16, u32)> {
     found.sort();
     found
 }
+
+/// Waits (polling, up to `within`) until `pid` has exited; panics if it has not by then.
+pub async fn wait_until_gone(pid: u32, within: std::time::Duration) {
+    let deadline = std::time::Instant::now() + within;
+    while alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} still alive after {within:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
