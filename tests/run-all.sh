@@ -27,7 +27,8 @@ python3 -c 'import paho.mqtt, pytest, aioquic' 2>/dev/null || python3 -m pip ins
 MQTTD_REQUIRE_PROMTOOL=1 cargo test --workspace
 export MQTTD_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/mqttd"
 python3 -m pytest tests/interop -q
-# The foundation's suites again, unchanged, against a broker of 4 worker processes.
+# The foundation's suites and the QUIC suite again, unchanged, against a broker of 4 worker
+# processes.
 # The test binaries built above, run directly: `cargo test -p ... --test ...` would resolve
 # other features and build the broker a third time.
 mapfile -t suites < <(cargo test --workspace --no-run --message-format=json 2>/dev/null |
@@ -36,9 +37,9 @@ import json, sys
 for line in sys.stdin:
     m = json.loads(line)
     if (m.get("reason") == "compiler-artifact" and m["target"]["kind"] == ["test"]
-            and m["target"]["name"] in ("v311", "v5", "ordering", "malformed")):
+            and m["target"]["name"] in ("v311", "v5", "ordering", "malformed", "quic")):
         print(m["executable"])')
-[ ${#suites[@]} -eq 4 ] || { echo "run-all: expected 4 test binaries, found ${#suites[@]}"; exit 1; }
+[ ${#suites[@]} -eq 5 ] || { echo "run-all: expected 5 test binaries, found ${#suites[@]}"; exit 1; }
 for suite in "${suites[@]}"; do
   (cd supervisor && MQTTD_TEST_WORKERS=4 "$suite")
 done
