@@ -109,7 +109,7 @@ struct Conn {
     timer: Option<Instant>,
     /// Already in the driver's list of connections to drive this turn.
     marked: bool,
-    /// The last turn that drove it (see `Driver::settle`).
+    /// The last turn that drove it (see `Driver::settle_quiet`).
     driven_turn: u32,
 }
 

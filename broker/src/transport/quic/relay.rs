@@ -169,6 +169,7 @@ impl Relay {
             EngineSide::Socket(_) => None,
         }
     }
+
     /// Frees the queues' storage once they are empty, so an idle relay holds no buffers
     /// (a drained `VecDeque` keeps its capacity: ~250 B per connection measured). The
     /// driver calls it once the connection has gone quiet (a turn without being driven).
