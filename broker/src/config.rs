@@ -12,7 +12,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
+mod metrics;
 mod quic;
+pub use metrics::MetricsConfig;
 pub use quic::{Congestion, QuicConfig};
 
 /// Everything a worker needs to know. `Default` is the embedded, no-outside-service setup.
@@ -24,13 +26,16 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub cluster: ClusterConfig,
     pub log: LogConfig,
-    pub metrics: crate::metrics::MetricsConfig,
+    pub metrics: MetricsConfig,
     pub quic: QuicConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
+    /// What carries state between workers: `embedded` (Unix sockets between the workers of
+    /// one host, no outside service).
+    pub backend: ClusterBackend,
     /// Worker processes; 0 = one per available core.
     pub workers: u16,
     /// Pin each worker to its own core (ignored when there are fewer cores than workers).
@@ -42,9 +47,19 @@ pub struct ClusterConfig {
     pub mesh_dir: String,
 }
 
+/// The cluster backends (`cluster.backend`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterBackend {
+    /// A Unix-socket mesh between the worker processes of one host.
+    #[default]
+    Embedded,
+}
+
 impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
+            backend: ClusterBackend::Embedded,
             workers: 0,
             pin_cores: true,
             drain_timeout_secs: 10,

@@ -8,7 +8,9 @@
 pub mod cluster;
 pub mod config;
 pub mod engine;
+pub mod histogram;
 pub mod metrics;
+pub mod model;
 pub mod protocol;
 pub mod router;
 pub mod transport;

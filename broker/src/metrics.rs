@@ -22,69 +22,25 @@
 
 use std::cell::RefCell;
 use std::fmt::{Display, Write as _};
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 
-use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
 use crate::engine::{Engine, Stats};
 
-/// The `[metrics]` config section: the supervisor's HTTP endpoint.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// Serve `/metrics`, `/health` and `/ready` over HTTP.
-    pub enabled: bool,
-    /// Address of the HTTP endpoint; port 0 picks one (printed as `mqttd listening metrics ADDR`).
-    pub bind: SocketAddr,
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        MetricsConfig {
-            enabled: true,
-            bind: SocketAddr::from(([0, 0, 0, 0], 9100)),
-        }
-    }
-}
+pub use crate::config::MetricsConfig;
 
 /// Memory one connection may cost in the capacity model (the seeds' 20 KB per connection).
 pub const CONNECTION_MODEL_BYTES: u64 = crate::engine::MODEL_BYTES as u64;
 
-/// Upper bounds of the `mqttd_connection_accounted_bytes` buckets (then `+Inf`).
-pub const ACCOUNTED_BYTES_BUCKETS: [u64; 10] =
-    [256, 512, 1024, 2048, 4096, 8192, 16384, 20480, 32768, 65536];
+pub use crate::histogram::{Histogram, ACCOUNTED_BYTES_BUCKETS};
 
 /// The request line of the scrape protocol.
 pub const SCRAPE_REQUEST: &str = "metrics\n";
 
-/// A histogram over [`ACCOUNTED_BYTES_BUCKETS`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Histogram {
-    /// Observations per bucket, not cumulative; the last entry is above every bound (+Inf).
-    pub buckets: [u64; ACCOUNTED_BYTES_BUCKETS.len() + 1],
-    pub sum: u64,
-}
-
-impl Histogram {
-    pub fn observe(&mut self, value: u64) {
-        let i = ACCOUNTED_BYTES_BUCKETS
-            .iter()
-            .position(|&bound| value <= bound)
-            .unwrap_or(ACCOUNTED_BYTES_BUCKETS.len());
-        self.buckets[i] += 1;
-        self.sum += value;
-    }
-
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().sum()
-    }
-}
-
 /// What one worker exports. Counters come from the engine's [`Stats`]; the fields marked
-/// "filled by the accountant" are issue 5's limits and memory accounting.
+/// "filled by the accountant" are the limits and memory accounting.
 #[derive(Debug, Clone, Default)]
 pub struct WorkerMetrics {
     /// Connections whose CONNECT was accepted.

@@ -1,11 +1,13 @@
-//! One worker: binds its listener (SO_REUSEPORT, so several workers can share the port),
-//! runs the TCP readiness loop and the engine's timer, and drains on shutdown.
+//! One worker: builds its cluster backend and engine, binds its listeners (SO_REUSEPORT,
+//! so several workers can share the port), runs the transport drivers, the engine's timer
+//! and the cluster's event feed, and drains on shutdown.
 //!
 //! Everything runs on one current-thread runtime inside a `LocalSet`: the engine is
 //! shared by its connection tasks as `Rc<RefCell<_>>`, with no locks, because a worker is
 //! one core by design (parallelism comes from running one worker process per core).
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::cluster::{mesh, Standalone, WorkerIdentity};
+use crate::cluster::{self, ClusterEvent, ClusterInbox, Lifecycle, WorkerIdentity};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::transport::quic;
@@ -38,7 +40,8 @@ pub struct Worker {
     /// MQTT over QUIC, when `quic.enabled`.
     quic: Option<quic::Driver>,
     engine: Rc<RefCell<Engine>>,
-    identity: Option<WorkerIdentity>,
+    /// The cluster backend's hooks around the engine's life.
+    lifecycle: Box<dyn Lifecycle>,
 }
 
 impl Worker {
@@ -51,6 +54,10 @@ impl Worker {
         identity: Option<WorkerIdentity>,
         inherited: Inherited,
     ) -> anyhow::Result<Worker> {
+        let backend = cluster::build(&config, identity).context("starting the cluster backend")?;
+        let config = Rc::new(config);
+        let engine = Rc::new(RefCell::new(Engine::new(config.clone(), backend.cluster)));
+        tokio::task::spawn_local(feed_cluster_events(backend.inbox.clone(), engine.clone()));
         let tcp = match inherited.tcp {
             Some(listener) => listener,
             None => bind_tcp(config.listener.tcp, config.listener.backlog)
@@ -58,33 +65,22 @@ impl Worker {
         };
         let quic = match (config.quic.enabled, inherited.udp) {
             (false, _) => None,
-            (true, Some(udp)) => Some(quic::driver(&config, udp)?),
+            (true, Some(udp)) => Some(quic::driver(&config, udp, &mut engine.borrow_mut())?),
             (true, None) => {
                 let udp = bind_udp(config.quic.bind)
                     .with_context(|| format!("binding udp {}", config.quic.bind))?;
-                Some(quic::driver(&config, udp)?)
+                Some(quic::driver(&config, udp, &mut engine.borrow_mut())?)
             }
         };
-        let config = Rc::new(config);
-        let engine = match identity.clone() {
-            None => Rc::new(RefCell::new(Engine::new(
-                config,
-                Box::new(Standalone),
-                0,
-                1,
-            ))),
-            Some(me) => {
-                let (index, count) = (me.index, me.count);
-                mesh::join(me, |cluster| Engine::new(config, cluster, index, count))
-                    .await
-                    .context("joining the worker mesh")?
-            }
-        };
+        backend.lifecycle.ready().await;
+        // Whatever the peers sent before they counted as joined is applied before the first
+        // client is served.
+        apply_cluster_events(&backend.inbox, &engine, &mut VecDeque::new());
         Ok(Worker {
             tcp,
             quic,
             engine,
-            identity,
+            lifecycle: backend.lifecycle,
         })
     }
 
@@ -131,16 +127,42 @@ impl Worker {
         if let Some(quic) = quic.and_then(|q| Rc::try_unwrap(q).ok()) {
             quic.drain().await;
         }
-        if let Some(me) = &self.identity {
-            let handover = mesh::hand_over_sessions(me, &self.engine);
-            if tokio::time::timeout(HANDOVER_DEADLINE, handover)
-                .await
-                .is_err()
-            {
-                tracing::warn!("session handover to the successor timed out");
-            }
+        let engine = self.engine.clone();
+        let export = Box::new(move || engine.borrow_mut().export_sessions(Instant::now()));
+        let handover = self.lifecycle.hand_over_sessions(export);
+        if tokio::time::timeout(HANDOVER_DEADLINE, handover)
+            .await
+            .is_err()
+        {
+            tracing::warn!("session handover to the successor timed out");
         }
         result.context("TCP listener")
+    }
+}
+
+/// Feeds the cluster backend's events to the engine as they arrive, a batch per wake-up.
+async fn feed_cluster_events(inbox: Rc<ClusterInbox>, engine: Rc<RefCell<Engine>>) {
+    // Swapped with the inbox's queue on every batch, so neither allocates once warm.
+    let mut events = VecDeque::new();
+    loop {
+        std::future::poll_fn(|cx| inbox.poll_ready(cx)).await;
+        apply_cluster_events(&inbox, &engine, &mut events);
+    }
+}
+
+fn apply_cluster_events(
+    inbox: &ClusterInbox,
+    engine: &RefCell<Engine>,
+    events: &mut VecDeque<ClusterEvent>,
+) {
+    inbox.take(events);
+    if events.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    let mut engine = engine.borrow_mut();
+    for event in events.drain(..) {
+        engine.handle_cluster(event, now);
     }
 }
 
@@ -184,7 +206,7 @@ pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::Tcp
 const UDP_BUFFER_BYTES: usize = 8 << 20;
 
 /// A UDP socket with SO_REUSEPORT for QUIC: every worker binds the same port and the
-/// kernel spreads datagrams over them by a hash of the addresses (see ARCHITECTURE.md on
+/// kernel spreads datagrams over them by a hash of the addresses (see docs/QUIC.md on
 /// what that means when a client's address changes).
 pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;

@@ -1,4 +1,4 @@
-//! Issue 5's limits against the real binary, with raw MQTT clients (so every reason code
+//! The broker's limits against the real binary, with raw MQTT clients (so every reason code
 //! and every byte the broker sends is visible): connection limits per worker and per
 //! broker, the per-IP connect rate, the per-client publish rate, and the memory budget
 //! policy for subscribers that stop reading (QoS 0 dropped, QoS 1 disconnected as a slow

@@ -540,7 +540,7 @@ async fn shutdown_sends_v5_disconnect_over_quic() {
 }
 
 /// A QUIC session, retried until `DEADLINE`: for the moments when a connection attempt may
-/// be reset (a rolling restart's overlap, see ARCHITECTURE.md).
+/// be reset (a rolling restart's overlap, see docs/QUIC.md).
 async fn quic_session_retrying(
     broker: &Broker,
     id: &str,
@@ -588,7 +588,7 @@ async fn rolling_restart_moves_quic_clients_to_the_new_worker() {
         .expect("closed");
     // Until an old worker has exited it shares its slot's UDP socket with its successor and
     // may read a new connection's datagram, which it answers with a stateless reset
-    // (ARCHITECTURE.md): wait for the old workers to be gone before checking the new ones.
+    // (docs/QUIC.md): wait for the old workers to be gone before checking the new ones.
     for (_, pid) in old_workers {
         common::procs::wait_until_gone(pid, Duration::from_secs(20)).await;
     }

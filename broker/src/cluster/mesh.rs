@@ -4,9 +4,12 @@
 //! Worker `i` listens on `{mesh_dir}/w{i}.sock` and opens one outbound link to every peer;
 //! a link is one-way (frames from this worker to that peer), so each pair of workers has
 //! two. Frames for a peer accumulate in its outbox while the engine works and leave in one
-//! write per wake-up (batching). On connecting, a worker sends `Hello`, its routes and its
-//! retained messages; a peer whose inbound link closes (process died, or a
-//! new incarnation replaced it) has its routes dropped from the route table.
+//! write per wake-up (batching). On connecting, a worker sends `Hello`, then (once its
+//! engine answers [`ClusterEvent::PeerJoined`]) its routes and the retained messages; a
+//! peer whose inbound link closes (process died, or a new incarnation replaced it) is
+//! reported as [`ClusterEvent::PeerLeft`]. Frames read from peers become events in the
+//! worker's inbox, in the order they were read. All workers are on one host:
+//! [`NodeId::LOCAL_HOST`], slot = worker index.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -15,8 +18,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use ahash::AHashMap;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
@@ -24,9 +26,11 @@ use tokio::sync::Notify;
 use super::census::Census;
 use super::fdpass;
 use super::wire::{self, Frame};
-use super::{Cluster, WorkerIdentity, WorkerStats};
-use crate::engine::{Engine, Message};
-use crate::router::Route;
+use super::{
+    Backend, Barriers, Cluster, ClusterEvent, ClusterInbox, HandedStream, HandoffError,
+    Lifecycle, LocalFuture, WorkerIdentity,
+};
+use crate::model::{Message, NodeId, Route, SessionImage, SharedTarget, WorkerStats};
 
 /// A peer's outbound link may hold this much before forwards to it are dropped (a peer that
 /// stopped reading must not grow this worker's memory without bound).
@@ -50,7 +54,7 @@ struct Link {
     peer_pid: Option<u32>,
     /// Connections waiting for this link to come (back) up: a peer restarting, or a new
     /// incarnation replacing it. Sent on connect; dropped (closing them) when too old.
-    pending_handoffs: Vec<(Instant, OwnedFd, Bytes)>,
+    pending_handoffs: Vec<(Instant, HandedStream)>,
 }
 
 /// How long a connection may wait for the worker owning its client id to be reachable.
@@ -69,8 +73,9 @@ pub struct MeshState {
     me: WorkerIdentity,
     links: Vec<Link>,
     peers: Vec<Peer>,
-    barriers: AHashMap<u64, Vec<u16>>,
-    next_barrier: u64,
+    barriers: Barriers,
+    /// Where frames read from peers go, as events for the engine.
+    inbox: Rc<ClusterInbox>,
     /// Woken whenever join progress is made (see `MeshState::joined`).
     progress: Rc<Notify>,
     dropped_forwards: u64,
@@ -104,38 +109,53 @@ impl MeshState {
             self.links[p as usize].connected && peer.routes_received && peer.retained_received
         })
     }
-
-    /// `peer` is gone: its pending barrier acknowledgements count as given.
-    fn forget_barriers_of(&mut self, peer: u16) -> Vec<u64> {
-        let mut done = Vec::new();
-        for (id, waiting) in self.barriers.iter_mut() {
-            waiting.retain(|&p| p != peer);
-            if waiting.is_empty() {
-                done.push(*id);
-            }
-        }
-        for id in &done {
-            self.barriers.remove(id);
-        }
-        done
-    }
 }
 
-fn queue_handoff(link: &mut Link, socket: OwnedFd, bytes: Bytes, now: Instant) {
+fn queue_handoff(link: &mut Link, stream: HandedStream, now: Instant) {
     let offset = link.out.len();
-    wire::encode(&mut link.out, &Frame::Handoff(bytes), now);
-    link.fds.push_back((offset, socket));
+    let frame = Frame::Handoff {
+        kind: stream.kind,
+        bytes: stream.bytes,
+    };
+    wire::encode(&mut link.out, &frame, now);
+    link.fds.push_back((offset, stream.socket));
+}
+
+fn node(slot: u16) -> NodeId {
+    NodeId::local(slot)
 }
 
 /// The engine's handle on the mesh (implements [`Cluster`]).
 pub struct EmbeddedCluster {
     state: Rc<RefCell<MeshState>>,
+    me: NodeId,
+    workers: u16,
     /// The broker-wide connection count; `None` if its file could not be mapped (then
     /// only the per-worker limit applies, and a warning says so).
     census: Option<Census>,
 }
 
 impl Cluster for EmbeddedCluster {
+    fn local_node(&self) -> NodeId {
+        self.me
+    }
+
+    fn local_workers(&self) -> u16 {
+        self.workers
+    }
+
+    fn is_alone(&self) -> bool {
+        self.workers <= 1
+    }
+
+    fn home_of(&self, client_id: &str) -> NodeId {
+        node(super::home_worker(client_id, self.workers))
+    }
+
+    fn sys_publisher(&self) -> NodeId {
+        node(0)
+    }
+
     fn route_added(&mut self, route: &Route) {
         self.state
             .borrow_mut()
@@ -148,14 +168,16 @@ impl Cluster for EmbeddedCluster {
             .broadcast(&Frame::RouteRemove(route.clone()));
     }
 
-    fn forward(&mut self, to: u16, msg: &Message, plain: bool, shared: &[(Box<str>, Box<str>)]) {
+    fn forward(&mut self, to: NodeId, msg: &Message, plain: bool, shared: &[SharedTarget]) {
         let mut state = self.state.borrow_mut();
-        let link = &mut state.links[to as usize];
+        let Some(link) = state.links.get_mut(to.slot as usize) else {
+            return;
+        };
         if !link.connected || link.out.len() > MAX_OUTBOX {
             state.dropped_forwards += 1;
             if state.dropped_forwards.is_power_of_two() {
                 tracing::warn!(
-                    to,
+                    to = to.slot,
                     dropped = state.dropped_forwards,
                     "peer not keeping up: forwards dropped"
                 );
@@ -174,37 +196,68 @@ impl Cluster for EmbeddedCluster {
 
     fn barrier(&mut self) -> Option<u64> {
         let mut state = self.state.borrow_mut();
-        let waiting: Vec<u16> = state
+        let waiting: Vec<NodeId> = state
             .peer_indexes()
             .filter(|&p| state.links[p as usize].connected)
+            .map(node)
             .collect();
-        if waiting.is_empty() {
-            return None;
+        let id = state.barriers.start(waiting.clone())?;
+        for p in waiting {
+            state.push(p.slot, &Frame::Barrier(id));
         }
-        state.next_barrier += 1;
-        let id = state.next_barrier;
-        for &p in &waiting {
-            state.push(p, &Frame::Barrier(id));
-        }
-        state.barriers.insert(id, waiting);
         Some(id)
     }
 
-    fn handoff(&mut self, to: u16, socket: OwnedFd, bytes: Bytes) -> Result<(), OwnedFd> {
+    fn barrier_reached(&mut self, from: NodeId, id: u64) {
+        self.state
+            .borrow_mut()
+            .push(from.slot, &Frame::BarrierAck(id));
+    }
+
+    fn sync_peer(&mut self, peer: NodeId, routes: &[Route], retained: &[Rc<Message>]) {
         let mut state = self.state.borrow_mut();
-        let Some(link) = state.links.get_mut(to as usize) else {
-            return Err(socket);
+        let Some(link) = state.links.get_mut(peer.slot as usize) else {
+            return;
+        };
+        if !link.connected {
+            // Down again already: the next connect asks for another sync.
+            return;
+        }
+        let now = Instant::now();
+        for route in routes {
+            wire::encode(&mut link.out, &Frame::RouteAdd(route.clone()), now);
+        }
+        wire::encode(&mut link.out, &Frame::RoutesEnd, now);
+        // Every sync carries the whole retained set, so a (re)joining peer has it all.
+        for msg in retained {
+            wire::encode(&mut link.out, &Frame::Retained((**msg).clone()), now);
+        }
+        wire::encode(&mut link.out, &Frame::RetainedEnd, now);
+        link.notify.notify_one();
+    }
+
+    fn handoff(&mut self, to: NodeId, stream: HandedStream) -> Result<(), HandoffError> {
+        let mut state = self.state.borrow_mut();
+        if to.host != NodeId::LOCAL_HOST {
+            // One host only: there is no other to pass a socket to.
+            return Err(HandoffError::Elsewhere {
+                stream,
+                server_reference: None,
+            });
+        }
+        let Some(link) = state.links.get_mut(to.slot as usize) else {
+            return Err(HandoffError::Unreachable(stream));
         };
         let now = Instant::now();
         if !link.connected {
             // The owner is restarting or being replaced: the client waits for it (its
             // CONNACK comes from the new process) instead of being refused.
             link.pending_handoffs
-                .retain(|(since, ..)| now.duration_since(*since) < HANDOFF_WAIT);
-            link.pending_handoffs.push((now, socket, bytes));
+                .retain(|(since, _)| now.duration_since(*since) < HANDOFF_WAIT);
+            link.pending_handoffs.push((now, stream));
             return Ok(());
         }
-        queue_handoff(link, socket, bytes, now);
+        queue_handoff(link, stream, now);
         link.notify.notify_one();
         Ok(())
     }
@@ -231,61 +284,85 @@ impl Cluster for EmbeddedCluster {
     }
 }
 
-/// Joins the mesh: binds this worker's socket, starts the link tasks, and waits (bounded)
-/// until every peer is linked and has shared its routes and retained messages. Must run
-/// inside the worker's `LocalSet`. The engine is created by `make_engine` with the backend.
-pub async fn join(
-    me: WorkerIdentity,
-    make_engine: impl FnOnce(Box<dyn Cluster>) -> Engine,
-) -> std::io::Result<Rc<RefCell<Engine>>> {
+/// The worker's handle on the mesh around the engine's life (implements [`Lifecycle`]).
+struct MeshLifecycle {
+    state: Rc<RefCell<MeshState>>,
+}
+
+impl Lifecycle for MeshLifecycle {
+    /// Waits (bounded) until every peer is linked both ways and has sent its routes and
+    /// retained messages.
+    fn ready(&self) -> LocalFuture<'_, ()> {
+        Box::pin(async move {
+            let progress = self.state.borrow().progress.clone();
+            let joined = async {
+                loop {
+                    let notified = progress.notified();
+                    tokio::pin!(notified);
+                    // Registered before the check, so progress made in between is not missed.
+                    notified.as_mut().enable();
+                    if self.state.borrow().joined() {
+                        return;
+                    }
+                    notified.await;
+                }
+            };
+            if tokio::time::timeout(JOIN_DEADLINE, joined).await.is_err() {
+                tracing::warn!(
+                    worker = self.state.borrow().me.index,
+                    "not every peer answered within {JOIN_DEADLINE:?}; serving anyway"
+                );
+            }
+        })
+    }
+
+    fn hand_over_sessions<'a>(
+        &'a self,
+        export: Box<dyn FnOnce() -> Vec<SessionImage> + 'a>,
+    ) -> LocalFuture<'a, ()> {
+        let me = self.state.borrow().me.clone();
+        Box::pin(async move { hand_over_sessions(&me, export).await })
+    }
+}
+
+/// Starts the mesh backend: binds this worker's socket and starts the link tasks. Must run
+/// inside the worker's `LocalSet`. [`Lifecycle::ready`] then waits for the peers.
+pub fn start(me: WorkerIdentity) -> std::io::Result<Backend> {
     let path = socket_path(&me.mesh_dir, me.index);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     let count = me.count as usize;
+    let inbox = Rc::new(ClusterInbox::default());
     let state = Rc::new(RefCell::new(MeshState {
         me: me.clone(),
         links: (0..count).map(|_| Link::default()).collect(),
         peers: (0..count).map(|_| Peer::default()).collect(),
-        barriers: AHashMap::new(),
-        next_barrier: 0,
+        barriers: Barriers::default(),
+        inbox: inbox.clone(),
         progress: Rc::new(Notify::new()),
         dropped_forwards: 0,
     }));
     let census = Census::open(&me.mesh_dir, me.index, me.count)
         .inspect_err(|e| tracing::warn!("broker-wide connection count unavailable: {e}"))
         .ok();
-    let engine = Rc::new(RefCell::new(make_engine(Box::new(EmbeddedCluster {
-        state: state.clone(),
-        census,
-    }))));
-    tokio::task::spawn_local(accept_links(listener, state.clone(), engine.clone()));
+    tokio::task::spawn_local(accept_links(listener, state.clone()));
     for peer in (0..me.count).filter(|&p| p != me.index) {
-        tokio::task::spawn_local(run_link(peer, state.clone(), engine.clone()));
+        tokio::task::spawn_local(run_link(peer, state.clone()));
     }
-    let progress = state.borrow().progress.clone();
-    let joined = async {
-        loop {
-            let notified = progress.notified();
-            tokio::pin!(notified);
-            // Registered before the check, so progress made in between is not missed.
-            notified.as_mut().enable();
-            if state.borrow().joined() {
-                return;
-            }
-            notified.await;
-        }
-    };
-    if tokio::time::timeout(JOIN_DEADLINE, joined).await.is_err() {
-        tracing::warn!(
-            worker = me.index,
-            "not every peer answered within {JOIN_DEADLINE:?}; serving anyway"
-        );
-    }
-    Ok(engine)
+    Ok(Backend {
+        cluster: Box::new(EmbeddedCluster {
+            state: state.clone(),
+            me: node(me.index),
+            workers: me.count,
+            census,
+        }),
+        inbox,
+        lifecycle: Box::new(MeshLifecycle { state }),
+    })
 }
 
 /// Keeps the outbound link to `peer` connected and writes its outbox.
-async fn run_link(peer: u16, state: Rc<RefCell<MeshState>>, engine: Rc<RefCell<Engine>>) {
+async fn run_link(peer: u16, state: Rc<RefCell<MeshState>>) {
     let path = socket_path(&state.borrow().me.mesh_dir, peer);
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -304,10 +381,6 @@ async fn run_link(peer: u16, state: Rc<RefCell<MeshState>>, engine: Rc<RefCell<E
             .and_then(|c| c.pid())
             .map(|p| p as u32);
         let notify = {
-            let (routes, retained) = {
-                let engine = engine.borrow();
-                (engine.local_routes(), engine.retained_snapshot())
-            };
             let mut st = state.borrow_mut();
             let index = st.me.index;
             let link = &mut st.links[peer as usize];
@@ -324,21 +397,14 @@ async fn run_link(peer: u16, state: Rc<RefCell<MeshState>>, engine: Rc<RefCell<E
                 },
                 now,
             );
-            for route in routes {
-                wire::encode(&mut link.out, &Frame::RouteAdd(route), now);
-            }
-            wire::encode(&mut link.out, &Frame::RoutesEnd, now);
-            // Every connect carries the retained set, so a (re)joining peer has it all.
-            for msg in retained {
-                wire::encode(&mut link.out, &Frame::Retained((*msg).clone()), now);
-            }
-            wire::encode(&mut link.out, &Frame::RetainedEnd, now);
-            for (since, socket, bytes) in std::mem::take(&mut link.pending_handoffs) {
+            for (since, stream) in std::mem::take(&mut link.pending_handoffs) {
                 if now.duration_since(since) < HANDOFF_WAIT {
-                    queue_handoff(link, socket, bytes, now);
+                    queue_handoff(link, stream, now);
                 }
             }
             let notify = link.notify.clone();
+            // The engine answers with its routes and retained messages (`sync_peer`).
+            st.inbox.push(ClusterEvent::PeerJoined(node(peer)));
             st.progress.notify_waiters();
             notify
         };
@@ -422,15 +488,11 @@ async fn write_all(stream: &UnixStream, mut data: &[u8]) -> std::io::Result<()> 
     Ok(())
 }
 
-async fn accept_links(
-    listener: UnixListener,
-    state: Rc<RefCell<MeshState>>,
-    engine: Rc<RefCell<Engine>>,
-) {
+async fn accept_links(listener: UnixListener, state: Rc<RefCell<MeshState>>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::task::spawn_local(read_link(stream, state.clone(), engine.clone()));
+                tokio::task::spawn_local(read_link(stream, state.clone()));
             }
             Err(e) => {
                 tracing::warn!("mesh accept: {e}");
@@ -440,8 +502,8 @@ async fn accept_links(
     }
 }
 
-/// Reads frames from one inbound link and applies them to the engine.
-async fn read_link(stream: UnixStream, state: Rc<RefCell<MeshState>>, engine: Rc<RefCell<Engine>>) {
+/// Reads frames from one inbound link and passes them on as events.
+async fn read_link(stream: UnixStream, state: Rc<RefCell<MeshState>>) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut fds: Vec<OwnedFd> = Vec::new();
     let mut pending_fds: VecDeque<OwnedFd> = VecDeque::new();
@@ -478,13 +540,13 @@ async fn read_link(stream: UnixStream, state: Rc<RefCell<MeshState>>, engine: Rc
                 Ok(None) => break,
                 Err(e) => {
                     tracing::error!(?peer, "bad mesh frame: {}", e.0);
-                    return link_closed(peer, &state, &engine);
+                    return link_closed(peer, &state);
                 }
             };
-            apply(frame, &mut peer, &mut pending_fds, &state, &engine, now);
+            apply(frame, &mut peer, &mut pending_fds, &state);
         }
     }
-    link_closed(peer, &state, &engine);
+    link_closed(peer, &state);
 }
 
 fn apply(
@@ -492,23 +554,21 @@ fn apply(
     peer: &mut Option<(u16, u32)>,
     fds: &mut VecDeque<OwnedFd>,
     state: &Rc<RefCell<MeshState>>,
-    engine: &Rc<RefCell<Engine>>,
-    now: Instant,
 ) {
+    let mut st = state.borrow_mut();
     if let Frame::Hello { index, pid } = frame {
-        if index == state.borrow().me.index {
+        if index == st.me.index {
             // Our predecessor (rolling restart), about to hand over its sessions.
             *peer = Some((index, pid));
             return;
         }
-        if index >= state.borrow().me.count {
+        if index >= st.me.count {
             tracing::error!(index, "Hello from a worker index out of range");
             return;
         }
         *peer = Some((index, pid));
         // A new incarnation: forget what the previous one announced.
-        engine.borrow_mut().remove_worker(index);
-        let mut st = state.borrow_mut();
+        st.inbox.push(ClusterEvent::PeerLeft(node(index)));
         let known = &mut st.peers[index as usize];
         known.pid = Some(pid);
         known.routes_received = false;
@@ -521,79 +581,65 @@ fn apply(
         }
         return;
     }
-    let Some((from, _)) = *peer else {
+    let Some((slot, _)) = *peer else {
         tracing::error!("mesh frame before Hello");
         return;
     };
-    match frame {
-        Frame::Hello { .. } => {}
-        Frame::RouteAdd(route) => engine.borrow_mut().remote_route(from, route, true),
-        Frame::RouteRemove(route) => engine.borrow_mut().remote_route(from, route, false),
+    let from = node(slot);
+    let event = match frame {
+        Frame::Hello { .. } => return,
+        Frame::RouteAdd(route) => ClusterEvent::RouteAdded { from, route },
+        Frame::RouteRemove(route) => ClusterEvent::RouteRemoved { from, route },
         Frame::RoutesEnd => {
-            let mut st = state.borrow_mut();
-            st.peers[from as usize].routes_received = true;
+            st.peers[slot as usize].routes_received = true;
             st.progress.notify_waiters();
+            return;
         }
-        Frame::Publish { plain, shared, msg } => engine
-            .borrow_mut()
-            .deliver_forwarded(msg, plain, &shared, now),
-        Frame::Retained(msg) => engine.borrow_mut().store_retained_from_peer(msg),
+        Frame::Publish { plain, shared, msg } => ClusterEvent::Forwarded { msg, plain, shared },
+        Frame::Retained(msg) => ClusterEvent::Retained(msg),
         Frame::RetainedEnd => {
-            let mut st = state.borrow_mut();
-            st.peers[from as usize].retained_received = true;
+            st.peers[slot as usize].retained_received = true;
             st.progress.notify_waiters();
+            return;
         }
-        Frame::Barrier(id) => state.borrow_mut().push(from, &Frame::BarrierAck(id)),
+        Frame::Barrier(id) => ClusterEvent::BarrierRequested { from, id },
         Frame::BarrierAck(id) => {
-            let done = {
-                let mut st = state.borrow_mut();
-                match st.barriers.get_mut(&id) {
-                    Some(waiting) => {
-                        waiting.retain(|&p| p != from);
-                        let done = waiting.is_empty();
-                        if done {
-                            st.barriers.remove(&id);
-                        }
-                        done
-                    }
-                    None => false,
-                }
-            };
-            if done {
-                engine.borrow_mut().barrier_done(id, now);
+            if !st.barriers.confirmed(id, from) {
+                return;
             }
+            ClusterEvent::BarrierDone(id)
         }
-        Frame::Handoff(bytes) => match fds.pop_front() {
-            Some(socket) => engine.borrow_mut().adopt_socket(socket, bytes),
-            None => tracing::error!(from, "handoff frame without a descriptor"),
+        Frame::Handoff { kind, bytes } => match fds.pop_front() {
+            Some(socket) => ClusterEvent::Adopt(HandedStream {
+                kind,
+                socket,
+                bytes,
+            }),
+            None => {
+                tracing::error!(from = slot, "handoff frame without a descriptor");
+                return;
+            }
         },
-        Frame::Stats(stats) => engine.borrow_mut().peer_stats(from, stats),
-        Frame::Session(image) => engine.borrow_mut().import_session(*image, now),
-    }
+        Frame::Stats(stats) => ClusterEvent::PeerStats { from, stats },
+        Frame::Session(image) => ClusterEvent::SessionImported(image),
+    };
+    st.inbox.push(event);
 }
 
 /// An inbound link closed: if it was the peer's current incarnation, the peer is gone.
-fn link_closed(
-    peer: Option<(u16, u32)>,
-    state: &Rc<RefCell<MeshState>>,
-    engine: &Rc<RefCell<Engine>>,
-) {
+fn link_closed(peer: Option<(u16, u32)>, state: &Rc<RefCell<MeshState>>) {
     let Some((index, pid)) = peer else {
         return;
     };
-    let done = {
-        let mut st = state.borrow_mut();
-        if st.peers[index as usize].pid != Some(pid) {
-            return; // an older incarnation; the current one is still linked
-        }
-        st.peers[index as usize] = Peer::default();
-        st.forget_barriers_of(index)
-    };
-    let now = Instant::now();
-    let mut engine = engine.borrow_mut();
-    engine.remove_worker(index);
+    let mut st = state.borrow_mut();
+    if st.peers[index as usize].pid != Some(pid) {
+        return; // an older incarnation (or our predecessor); the current one is linked
+    }
+    st.peers[index as usize] = Peer::default();
+    let done = st.barriers.forget(node(index));
+    st.inbox.push(ClusterEvent::PeerLeft(node(index)));
     for id in done {
-        engine.barrier_done(id, now);
+        st.inbox.push(ClusterEvent::BarrierDone(id));
     }
 }
 
@@ -601,7 +647,10 @@ fn link_closed(
 /// listening on this worker's socket (a rolling restart). Without a successor (the whole
 /// broker is stopping) there is nowhere to send them: the embedded backend keeps no state
 /// outside the workers.
-pub async fn hand_over_sessions(me: &WorkerIdentity, engine: &Rc<RefCell<Engine>>) {
+async fn hand_over_sessions(
+    me: &WorkerIdentity,
+    export: Box<dyn FnOnce() -> Vec<SessionImage> + '_>,
+) {
     let path = socket_path(&me.mesh_dir, me.index);
     let Ok(stream) = UnixStream::connect(&path).await else {
         return;
@@ -614,7 +663,7 @@ pub async fn hand_over_sessions(me: &WorkerIdentity, engine: &Rc<RefCell<Engine>
     if successor.is_none_or(|pid| pid == std::process::id()) {
         return;
     }
-    let images = engine.borrow_mut().export_sessions(Instant::now());
+    let images = export();
     let count = images.len();
     let now = Instant::now();
     let mut out = BytesMut::new();

@@ -1,26 +1,45 @@
 //! The boundary between this worker and the rest of the broker (other workers, other hosts).
 //!
 //! The engine keeps the route table (which workers subscribe to what) and decides where a
-//! message goes; the cluster backend carries what crosses workers: route changes, forwarded
-//! messages, retained messages, connections handed to the worker that owns their client id,
-//! and `$SYS` counters. [`Standalone`] is the one-worker backend; [`mesh`] the embedded one
-//! (a Unix-socket mesh between the worker processes of one host). A Redis backend implements
-//! the same trait, so the engine does not change when it arrives.
+//! message goes; a cluster backend carries what crosses workers: route changes, forwarded
+//! and retained messages, barriers, connections handed to the worker that owns their
+//! client id, sessions moving to a successor, and `$SYS` counters.
+//!
+//! The interface has two directions and neither side holds a reference into the other (as
+//! quinn-proto's endpoint and connections exchange events rather than calls):
+//! - out: the engine calls [`Cluster`]; calls never block and never call back;
+//! - in: the backend pushes [`ClusterEvent`]s into the worker's [`ClusterInbox`], and the
+//!   worker feeds them to `Engine::handle_cluster`.
+//!
+//! Around the engine's life, the worker asks the backend through [`Lifecycle`] (ready to
+//! serve? where do drained sessions go?). [`build`] makes the backend the config names:
+//! [`Standalone`] for a broker of one worker, [`mesh`] (`cluster.backend = "embedded"`,
+//! Unix sockets between the workers of one host). [`loopback`] connects engines in one
+//! process for tests. Workers are named by [`NodeId`] (host and slot), so a backend that
+//! spans hosts fits the same interface.
 
+mod barrier;
 mod census;
+mod events;
 mod fdpass;
+mod handoff;
+pub mod loopback;
 pub mod mesh;
 mod wire;
 
-use std::os::fd::OwnedFd;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::rc::Rc;
 
-use bytes::Bytes;
+pub use barrier::Barriers;
+pub use events::{ClusterEvent, ClusterInbox};
+pub use handoff::{HandedStream, HandoffError, StreamKind};
 
-use crate::engine::Message;
-use crate::router::Route;
+use crate::config::{ClusterBackend, Config};
+use crate::model::{Message, NodeId, Route, SessionImage, SharedTarget, WorkerStats};
 
-/// Who this worker is among its peers, given by the supervisor.
+/// Who this worker is among the workers of its host, given by the supervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerIdentity {
     /// 0..count; stable across restarts of this worker slot.
@@ -30,9 +49,9 @@ pub struct WorkerIdentity {
     pub mesh_dir: PathBuf,
 }
 
-/// The worker that owns `client_id`: its sessions live there, and a connection accepted
-/// elsewhere is handed to it. A fixed hash (FNV-1a, then mixed), so every worker computes
-/// the same.
+/// The slot (of `workers`) that owns `client_id`: its sessions live there, and a
+/// connection accepted elsewhere is handed to it. A fixed hash (FNV-1a, then mixed), so
+/// every worker computes the same.
 pub fn home_worker(client_id: &str, workers: u16) -> u16 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in client_id.as_bytes() {
@@ -47,25 +66,42 @@ pub fn home_worker(client_id: &str, workers: u16) -> u16 {
     (hash % u64::from(workers.max(1))) as u16
 }
 
-/// What the engine tells the rest of the cluster. Calls never block: a backend queues
-/// what it must send and reports what comes back through the engine's inbound methods
-/// (`remote_route`, `deliver_forwarded`, `barrier_done`, `adopt_socket`, ...).
+/// What the engine asks of the rest of the cluster. Calls never block and never call
+/// back into the engine: a backend queues what it must send, and what comes back arrives
+/// later as a [`ClusterEvent`].
 pub trait Cluster {
+    /// This worker's name in the cluster.
+    fn local_node(&self) -> NodeId;
+    /// Worker processes on this host (the kernel spreads new connections over them).
+    fn local_workers(&self) -> u16;
+    /// True when this worker is the whole broker: every client id lives here.
+    fn is_alone(&self) -> bool;
+    /// The worker that owns `client_id`, from the cluster's current membership; every
+    /// worker computes the same.
+    fn home_of(&self, client_id: &str) -> NodeId;
+    /// The worker that sums every worker's counters and publishes `$SYS`.
+    fn sys_publisher(&self) -> NodeId;
+
     /// The first local subscription to `route` appeared on this worker.
     fn route_added(&mut self, route: &Route);
     /// The last local subscription to `route` went away.
     fn route_removed(&mut self, route: &Route);
     /// Sends `msg` to worker `to`: for its plain subscriptions if `plain`, and to one member
     /// of each listed shared group.
-    fn forward(&mut self, to: u16, msg: &Message, plain: bool, shared: &[(Box<str>, Box<str>)]);
+    fn forward(&mut self, to: NodeId, msg: &Message, plain: bool, shared: &[SharedTarget]);
     /// A retained message was set (or cleared, empty payload) on this worker.
     fn retained(&mut self, msg: &Message);
     /// Asks every peer to confirm it has applied everything sent so far. `None` when there
-    /// is nothing to wait for; otherwise the engine hears `barrier_done(id)` later.
+    /// is nothing to wait for; otherwise [`ClusterEvent::BarrierDone`] follows.
     fn barrier(&mut self) -> Option<u64>;
-    /// Hands a client connection to worker `to` (its client id lives there): the socket and
-    /// the bytes already read from it. Gives the socket back if `to` cannot be reached.
-    fn handoff(&mut self, to: u16, socket: OwnedFd, bytes: Bytes) -> Result<(), OwnedFd>;
+    /// Answers [`ClusterEvent::BarrierRequested`]: everything `from` sent before its
+    /// barrier `id` has been applied here.
+    fn barrier_reached(&mut self, from: NodeId, id: u64);
+    /// Answers [`ClusterEvent::PeerJoined`]: this worker's routes and every retained
+    /// message, for `peer`.
+    fn sync_peer(&mut self, peer: NodeId, routes: &[Route], retained: &[Rc<Message>]);
+    /// Hands a client connection to worker `to` (its client id lives there).
+    fn handoff(&mut self, to: NodeId, stream: HandedStream) -> Result<(), HandoffError>;
     /// This worker's counters, for the cluster-wide `$SYS` topics.
     fn report_stats(&mut self, stats: &WorkerStats);
     /// The number of connections this worker admitted changed (for the broker-wide limit).
@@ -81,46 +117,98 @@ pub trait Cluster {
     }
 }
 
-/// The counters one worker reports for `$SYS` (summed over workers by worker 0).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct WorkerStats {
-    pub clients_connected: u64,
-    pub sessions: u64,
-    pub subscriptions: u64,
-    pub retained: u64,
-    pub messages_received: u64,
-    pub messages_sent: u64,
-    pub bytes_received: u64,
-    pub bytes_sent: u64,
-    /// Messages this worker sent on to other workers (one per destination worker).
-    pub forwarded: u64,
-    /// Times this worker's slot was restarted after its process died.
-    pub restarts: u64,
+/// A future on the worker's thread (backends are single-threaded like the engine).
+pub type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// What the worker asks of a backend around the engine's life.
+pub trait Lifecycle {
+    /// Resolves once the engine may serve clients: the backend has what it needs from its
+    /// peers (or gave up waiting). Events pushed before it resolves are in the inbox.
+    fn ready(&self) -> LocalFuture<'_, ()>;
+    /// After a drain closed every connection: moves the persistent sessions on to where
+    /// they will be served next. `export` takes them out of the engine; a backend with
+    /// nowhere to send them does not call it.
+    fn hand_over_sessions<'a>(
+        &'a self,
+        export: Box<dyn FnOnce() -> Vec<SessionImage> + 'a>,
+    ) -> LocalFuture<'a, ()>;
+}
+
+/// A backend, in the three parts the worker wires up: the [`Cluster`] the engine owns, the
+/// inbox the worker drains into the engine, and the [`Lifecycle`] the worker keeps.
+pub struct Backend {
+    pub cluster: Box<dyn Cluster>,
+    pub inbox: Rc<ClusterInbox>,
+    pub lifecycle: Box<dyn Lifecycle>,
+}
+
+/// Builds the backend the config names. `identity` is `None` for a broker of one worker,
+/// which needs none. Must run inside the worker's `LocalSet` (backends spawn their tasks).
+pub fn build(config: &Config, identity: Option<WorkerIdentity>) -> anyhow::Result<Backend> {
+    let Some(me) = identity else {
+        return Ok(Standalone::backend());
+    };
+    match config.cluster.backend {
+        ClusterBackend::Embedded => Ok(mesh::start(me)?),
+    }
 }
 
 /// The backend of a broker with a single worker: there is no one else.
 #[derive(Debug, Default)]
 pub struct Standalone;
 
+impl Standalone {
+    pub fn backend() -> Backend {
+        Backend {
+            cluster: Box::new(Standalone),
+            inbox: Rc::new(ClusterInbox::default()),
+            lifecycle: Box::new(Standalone),
+        }
+    }
+}
+
 impl Cluster for Standalone {
+    fn local_node(&self) -> NodeId {
+        NodeId::local(0)
+    }
+    fn local_workers(&self) -> u16 {
+        1
+    }
+    fn is_alone(&self) -> bool {
+        true
+    }
+    fn home_of(&self, _client_id: &str) -> NodeId {
+        NodeId::local(0)
+    }
+    fn sys_publisher(&self) -> NodeId {
+        NodeId::local(0)
+    }
     fn route_added(&mut self, _route: &Route) {}
     fn route_removed(&mut self, _route: &Route) {}
-    fn forward(
-        &mut self,
-        _to: u16,
-        _msg: &Message,
-        _plain: bool,
-        _shared: &[(Box<str>, Box<str>)],
-    ) {
-    }
+    fn forward(&mut self, _to: NodeId, _msg: &Message, _plain: bool, _shared: &[SharedTarget]) {}
     fn retained(&mut self, _msg: &Message) {}
     fn barrier(&mut self) -> Option<u64> {
         None
     }
-    fn handoff(&mut self, _to: u16, socket: OwnedFd, _bytes: Bytes) -> Result<(), OwnedFd> {
-        Err(socket)
+    fn barrier_reached(&mut self, _from: NodeId, _id: u64) {}
+    fn sync_peer(&mut self, _peer: NodeId, _routes: &[Route], _retained: &[Rc<Message>]) {}
+    fn handoff(&mut self, _to: NodeId, stream: HandedStream) -> Result<(), HandoffError> {
+        Err(HandoffError::Unreachable(stream))
     }
     fn report_stats(&mut self, _stats: &WorkerStats) {}
+}
+
+impl Lifecycle for Standalone {
+    fn ready(&self) -> LocalFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+    /// Nowhere to send them: a broker of one worker keeps sessions in memory only.
+    fn hand_over_sessions<'a>(
+        &'a self,
+        _export: Box<dyn FnOnce() -> Vec<SessionImage> + 'a>,
+    ) -> LocalFuture<'a, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 #[cfg(test)]

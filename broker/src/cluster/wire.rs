@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::cluster::WorkerStats;
-use crate::engine::{Delivery, Message, SessionImage};
+use super::StreamKind;
+use crate::model::{
+    Delivery, InflightImage, Message, QueuedImage, Route, SessionImage, SharedTarget,
+    SubscriptionImage, WorkerStats,
+};
 use crate::protocol::{self, Packet, Publish, Version};
-use crate::router::Route;
 use topic_trie::SubscriptionOptions;
 
 /// Largest frame accepted from a peer (a message of the largest packet size, plus headers).
@@ -30,7 +32,7 @@ pub enum Frame {
     RoutesEnd,
     Publish {
         plain: bool,
-        shared: Vec<(Box<str>, Box<str>)>,
+        shared: Vec<SharedTarget>,
         msg: Message,
     },
     Retained(Message),
@@ -38,8 +40,9 @@ pub enum Frame {
     RetainedEnd,
     Barrier(u64),
     BarrierAck(u64),
-    /// A client connection; its socket descriptor travels with this frame.
-    Handoff(Bytes),
+    /// A client connection: what its stream carries and the bytes already read from it.
+    /// Its socket descriptor travels with this frame.
+    Handoff { kind: StreamKind, bytes: Bytes },
     Stats(WorkerStats),
     /// A persistent session moving from a draining worker to its successor.
     Session(Box<SessionImage>),
@@ -124,7 +127,10 @@ pub fn encode(out: &mut BytesMut, f: &Frame, now: Instant) {
         Frame::RetainedEnd => frame(out, kind::RETAINED_END, |_| {}),
         Frame::Barrier(id) => frame(out, kind::BARRIER, |o| o.put_u64_le(*id)),
         Frame::BarrierAck(id) => frame(out, kind::BARRIER_ACK, |o| o.put_u64_le(*id)),
-        Frame::Handoff(bytes) => frame(out, kind::HANDOFF, |o| o.put_slice(bytes)),
+        Frame::Handoff { kind: handed, bytes } => frame(out, kind::HANDOFF, |o| {
+            o.put_u8(*handed as u8);
+            o.put_slice(bytes);
+        }),
         Frame::Session(image) => frame(out, kind::SESSION, |o| put_session(o, image, now)),
         Frame::Stats(s) => frame(out, kind::STATS, |o| {
             for v in [
@@ -169,7 +175,7 @@ fn put_session(out: &mut BytesMut, s: &SessionImage, now: Instant) {
     out.put_u8(u8::from(s.expires_in.is_some()));
     out.put_u32_le(s.expires_in.unwrap_or(0));
     out.put_u32_le(s.subscriptions.len() as u32);
-    for (filter, o) in &s.subscriptions {
+    for SubscriptionImage { filter, options: o } in &s.subscriptions {
         put_str(out, filter);
         out.put_u8(o.qos);
         out.put_u8(u8::from(o.no_local) | (u8::from(o.retain_as_published) << 1));
@@ -178,15 +184,16 @@ fn put_session(out: &mut BytesMut, s: &SessionImage, now: Instant) {
         out.put_u32_le(o.subscription_id.unwrap_or(0));
     }
     out.put_u32_le(s.queue.len() as u32);
-    for (msg, d) in &s.queue {
-        put_delivery(out, d);
+    for QueuedImage { msg, delivery } in &s.queue {
+        put_delivery(out, delivery);
         put_sized_message(out, msg, now);
     }
     out.put_u32_le(s.inflight.len() as u32);
-    for (pkid, comp, msg, d) in &s.inflight {
-        out.put_u16_le(*pkid);
-        out.put_u8(u8::from(*comp));
-        put_delivery(out, d);
+    for m in &s.inflight {
+        out.put_u16_le(m.pkid);
+        out.put_u8(u8::from(m.awaiting_comp));
+        put_delivery(out, &m.delivery);
+        let msg = &m.msg;
         put_sized_message(out, msg, now);
     }
     out.put_u32_le(s.incoming_qos2.len() as u32);
@@ -198,16 +205,16 @@ fn put_session(out: &mut BytesMut, s: &SessionImage, now: Instant) {
 pub fn encode_publish(
     out: &mut BytesMut,
     plain: bool,
-    shared: &[(Box<str>, Box<str>)],
+    shared: &[SharedTarget],
     msg: &Message,
     now: Instant,
 ) {
     frame(out, kind::PUBLISH, |o| {
         o.put_u8(u8::from(plain));
         o.put_u16_le(shared.len() as u16);
-        for (group, filter) in shared {
-            put_str(o, group);
-            put_str(o, filter);
+        for target in shared {
+            put_str(o, &target.group);
+            put_str(o, &target.filter);
         }
         put_message(o, msg, now);
     })
@@ -296,19 +303,30 @@ impl Reader {
                 retain_handling,
                 subscription_id: Some(id).filter(|_| has_id),
             };
-            subscriptions.push((filter, opts));
+            subscriptions.push(SubscriptionImage {
+                filter,
+                options: opts,
+            });
         }
         let mut queue = Vec::new();
         for _ in 0..self.u32()? {
             let d = self.delivery()?;
-            queue.push((self.sized_message(now)?, d));
+            queue.push(QueuedImage {
+                msg: self.sized_message(now)?,
+                delivery: d,
+            });
         }
         let mut inflight = Vec::new();
         for _ in 0..self.u32()? {
             let pkid = self.u16()?;
             let comp = self.u8()? == 1;
             let d = self.delivery()?;
-            inflight.push((pkid, comp, self.sized_message(now)?, d));
+            inflight.push(InflightImage {
+                pkid,
+                awaiting_comp: comp,
+                msg: self.sized_message(now)?,
+                delivery: d,
+            });
         }
         let mut incoming_qos2 = Vec::new();
         for _ in 0..self.u32()? {
@@ -380,7 +398,10 @@ pub fn decode(buf: &mut BytesMut, now: Instant) -> Result<Option<Frame>, WireErr
             let n = r.u16()? as usize;
             let mut shared = Vec::with_capacity(n);
             for _ in 0..n {
-                shared.push((r.str()?, r.str()?));
+                shared.push(SharedTarget {
+                    group: r.str()?,
+                    filter: r.str()?,
+                });
             }
             Frame::Publish {
                 plain,
@@ -392,7 +413,15 @@ pub fn decode(buf: &mut BytesMut, now: Instant) -> Result<Option<Frame>, WireErr
         kind::RETAINED_END => Frame::RetainedEnd,
         kind::BARRIER => Frame::Barrier(r.u64()?),
         kind::BARRIER_ACK => Frame::BarrierAck(r.u64()?),
-        kind::HANDOFF => Frame::Handoff(r.0.clone()),
+        kind::HANDOFF => {
+            let handed = r.u8()?;
+            let kind = StreamKind::from_u8(handed)
+                .ok_or_else(|| WireError(format!("unknown stream kind {handed}")))?;
+            Frame::Handoff {
+                kind,
+                bytes: r.0.clone(),
+            }
+        }
         kind::SESSION => Frame::Session(Box::new(r.session(now)?)),
         kind::STATS => Frame::Stats(WorkerStats {
             clients_connected: r.u64()?,
@@ -439,7 +468,11 @@ mod tests {
             group: Some("g".into()),
         };
         encode(&mut out, &Frame::RouteAdd(route.clone()), now);
-        encode_publish(&mut out, true, &[("g".into(), "a/+".into())], &msg, now);
+        let target = SharedTarget {
+            group: "g".into(),
+            filter: "a/+".into(),
+        };
+        encode_publish(&mut out, true, &[target], &msg, now);
         encode(&mut out, &Frame::Barrier(7), now);
         // Byte by byte: nothing decodes until a frame is whole.
         let mut buf = BytesMut::new();

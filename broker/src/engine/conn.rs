@@ -9,6 +9,7 @@ use std::time::Instant;
 use ahash::AHashMap;
 use bytes::{Bytes, BytesMut};
 
+use super::drivers::DriverId;
 use super::rate::PublishBuckets;
 use crate::protocol::{
     self, Disconnect, DisconnectProperties, DisconnectReasonCode, Packet, Version,
@@ -39,14 +40,13 @@ pub enum ConnState {
     HandingOff,
 }
 
-/// Which driver serves a connection, so each takes only its own dirty keys and handoffs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    /// The TCP reactor: TCP sockets, sockets handed over by other workers, and the Unix
-    /// ends of QUIC relays.
-    Tcp,
-    /// The QUIC driver, directly (no socketpair).
-    Quic,
+/// Acknowledgements held until a cluster barrier completes (see `Engine::acknowledge`).
+#[derive(Debug)]
+pub struct HeldAcks {
+    /// The latest barrier they wait for (barriers complete in order).
+    pub barrier: u64,
+    /// PUBACK/PUBREC/PUBCOMP packets, in the order the client's packets arrived.
+    pub acks: Vec<Packet>,
 }
 
 /// Whether a new connection may have a session, decided when it is accepted and answered
@@ -102,10 +102,9 @@ pub struct Conn {
     /// Already on the dirty list since the driver last took it.
     pub queued: bool,
     /// The driver serving it.
-    pub transport: Transport,
-    /// Acknowledgements held until a cluster barrier completes (see `Engine::acknowledge`):
-    /// (barrier id, acks in order). `None` nearly always.
-    pub held_acks: Option<Box<(u64, Vec<Packet>)>>,
+    pub driver: DriverId,
+    /// Acknowledgements held until a cluster barrier completes. `None` nearly always.
+    pub held_acks: Option<Box<HeldAcks>>,
     /// Timer ticks spent in `Closing` (see `Engine::should_abort`).
     pub close_ticks: u8,
     /// Timer ticks in a row it was found over its memory budget (see `accounting.rs`).
@@ -113,7 +112,13 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(key: usize, dirty: Rc<DirtyList>, now: Instant, admission: Admission) -> Conn {
+    pub fn new(
+        key: usize,
+        driver: DriverId,
+        dirty: Rc<DirtyList>,
+        now: Instant,
+        admission: Admission,
+    ) -> Conn {
         Conn {
             state: ConnState::AwaitingConnect,
             version: Version::V311,
@@ -134,11 +139,15 @@ impl Conn {
             key,
             dirty,
             queued: false,
-            transport: Transport::Tcp,
+            driver,
             held_acks: None,
             close_ticks: 0,
             over_budget_ticks: 0,
         }
+    }
+
+    pub(super) fn driver_index(&self) -> usize {
+        self.driver.index()
     }
 
     /// Encodes `packet` into the output buffer and wakes the driver.

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::conn::{Admission, Conn, ConnState};
-use super::message::Message;
+use crate::model::Message;
 use super::session::{Session, Will};
 use super::{ConnKey, Engine};
 use crate::protocol::{
@@ -35,7 +35,7 @@ pub(super) fn refuse_undecodable_connect(conn: &mut Conn, e: &DecodeError) {
     conn.close();
 }
 
-fn connack(
+pub(super) fn connack(
     session_present: bool,
     code: ConnectReturnCode,
     props: Option<ConnAckProperties>,
@@ -47,7 +47,7 @@ fn connack(
     })
 }
 
-fn empty_connack_props() -> ConnAckProperties {
+pub(super) fn empty_connack_props() -> ConnAckProperties {
     ConnAckProperties {
         session_expiry_interval: None,
         receive_max: None,
@@ -94,16 +94,13 @@ impl Engine {
             };
             return self.refuse(key, code, "connection rate exceeded");
         }
-        if self.workers > 1 && !connect.client_id.is_empty() {
-            let home = crate::cluster::home_worker(&connect.client_id, self.workers);
-            if let (true, Some(bytes)) = (home != self.index, connect_bytes) {
+        if !self.cluster.is_alone() && !connect.client_id.is_empty() {
+            let home = self.cluster.home_of(&connect.client_id);
+            if let (true, Some(bytes)) = (home != self.me, connect_bytes) {
                 // The client id lives on another worker: the whole connection moves there,
                 // so takeover and session resumption stay local to one engine.
                 self.conns[key].state = ConnState::HandingOff;
-                match self.conns[key].transport {
-                    super::Transport::Tcp => self.handoffs.push((key, home, bytes)),
-                    super::Transport::Quic => self.quic_handoffs.push((key, home, bytes)),
-                }
+                self.queue_handoff(key, home, bytes);
                 return;
             }
         }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::accounting::over_budget;
 use super::conn::{Conn, MAX_PENDING_OUTPUT};
-use super::message::{Delivery, Message};
+use crate::model::{Delivery, Message};
 use super::publish::is_empty_props;
 use super::session::{Inflight, InflightState, Queued, Session};
 use super::stats::Stats;

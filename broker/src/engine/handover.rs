@@ -7,25 +7,9 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use topic_trie::SubscriptionOptions;
-
-use super::message::{Delivery, Message};
 use super::session::{Inflight, InflightState, Queued, Session};
 use super::Engine;
-
-/// A session as plain data, independent of this worker's slots.
-#[derive(Debug)]
-pub struct SessionImage {
-    pub client_id: String,
-    pub expiry_secs: u32,
-    /// Seconds left before an offline session expires (`None`: never).
-    pub expires_in: Option<u32>,
-    pub subscriptions: Vec<(String, SubscriptionOptions)>,
-    pub queue: Vec<(Message, Delivery)>,
-    /// (packet id, awaiting PUBCOMP rather than PUBACK/PUBREC, message, delivery)
-    pub inflight: Vec<(u16, bool, Message, Delivery)>,
-    pub incoming_qos2: Vec<u16>,
-}
+use crate::model::{InflightImage, QueuedImage, SessionImage, SubscriptionImage};
 
 impl Engine {
     /// Takes every offline persistent session out of this engine (after a drain closed
@@ -55,23 +39,27 @@ impl Engine {
                 subscriptions: s
                     .subscriptions
                     .iter()
-                    .map(|(f, o)| (f.to_string(), *o))
+                    .map(|(filter, options)| SubscriptionImage {
+                        filter: filter.to_string(),
+                        options: *options,
+                    })
                     .collect(),
                 queue: s
                     .queue
                     .into_iter()
-                    .map(|q| ((*q.msg).clone(), q.delivery))
+                    .map(|q| QueuedImage {
+                        msg: (*q.msg).clone(),
+                        delivery: q.delivery,
+                    })
                     .collect(),
                 inflight: s
                     .inflight
                     .into_iter()
-                    .map(|m| {
-                        (
-                            m.pkid,
-                            m.state == InflightState::AwaitingComp,
-                            (*m.msg).clone(),
-                            m.delivery,
-                        )
+                    .map(|m| InflightImage {
+                        pkid: m.pkid,
+                        awaiting_comp: m.state == InflightState::AwaitingComp,
+                        msg: (*m.msg).clone(),
+                        delivery: m.delivery,
                     })
                     .collect(),
                 incoming_qos2: s.incoming_qos2,
@@ -82,7 +70,7 @@ impl Engine {
 
     /// Installs a session handed over by this worker's predecessor (unless the client id
     /// already has a session here: a client that reconnected first wins).
-    pub fn import_session(&mut self, image: SessionImage, now: Instant) {
+    pub(super) fn import_session(&mut self, image: SessionImage, now: Instant) {
         if self.client_ids.contains_key(image.client_id.as_str()) {
             return;
         }
@@ -95,19 +83,19 @@ impl Engine {
         session.queue = image
             .queue
             .into_iter()
-            .map(|(msg, delivery)| Queued {
-                msg: Rc::new(msg),
-                delivery,
+            .map(|q| Queued {
+                msg: Rc::new(q.msg),
+                delivery: q.delivery,
             })
             .collect();
         session.inflight = image
             .inflight
             .into_iter()
-            .map(|(pkid, comp, msg, delivery)| Inflight {
-                pkid,
-                msg: Rc::new(msg),
-                delivery,
-                state: if comp {
+            .map(|m| Inflight {
+                pkid: m.pkid,
+                msg: Rc::new(m.msg),
+                delivery: m.delivery,
+                state: if m.awaiting_comp {
                     InflightState::AwaitingComp
                 } else {
                     InflightState::AwaitingAck
@@ -117,8 +105,8 @@ impl Engine {
         session.recount_held();
         let skey = self.sessions.insert(session);
         self.client_ids.insert(id, skey);
-        for (filter, opts) in image.subscriptions {
-            self.restore_subscription(skey, &filter, opts);
+        for sub in image.subscriptions {
+            self.restore_subscription(skey, &sub.filter, sub.options);
         }
     }
 }

@@ -5,20 +5,21 @@
 //! a periodic [`Engine::tick`] runs the timers (keep-alive, connect timeout, will delay,
 //! session expiry). Every call takes `now`, so tests drive it without sockets or clocks.
 //!
-//! Layout: [`conn`] per-connection state, [`session`] per-client-id state, [`message`] the
-//! routed message; the packet handlers are split by concern into `connect.rs`,
-//! `publish.rs` (inbound PUBLISH, retained, wills, routing), `deliver.rs` (to one session:
-//! window, queue, redelivery, acks) and `subscribe.rs`; `cluster_io.rs` is what other
-//! workers tell this one, `handover.rs` sessions moving to a successor, `sys.rs` `$SYS`.
+//! Layout: [`conn`] per-connection state, [`session`] per-client-id state; the packet
+//! handlers are split by concern into `connect.rs`, `publish.rs` (inbound PUBLISH,
+//! retained, wills, routing), `deliver.rs` (to one session: window, queue, redelivery,
+//! acks) and `subscribe.rs`; `drivers.rs` is the engine's side of the transport drivers,
+//! `cluster_io.rs` what the cluster tells this worker ([`Engine::handle_cluster`]),
+//! `handover.rs` sessions moving to a successor, `sys.rs` `$SYS`.
 
 mod accounting;
 mod cluster_io;
 mod conn;
 mod connect;
 mod deliver;
+mod drivers;
 mod gauges;
 mod handover;
-mod message;
 mod publish;
 mod rate;
 mod session;
@@ -35,18 +36,19 @@ use bytes::BytesMut;
 use slab::Slab;
 
 pub use accounting::{Footprint, MemoryReport, MODEL_BYTES};
-pub use conn::{Admission, Conn, ConnState, DirtyList, Transport};
-pub use handover::SessionImage;
-pub use message::{Delivery, Message};
+pub use conn::{Admission, Conn, ConnState, DirtyList, HeldAcks};
+pub use drivers::{DriverId, PendingHandoff};
 pub use session::Session;
 pub use stats::Stats;
 
 use crate::cluster::Cluster;
-use crate::cluster::WorkerStats;
 use crate::config::Config;
+use crate::model::{Message, NodeId, SessionKey, SharedTarget, WorkerStats};
 use crate::protocol::{self, DecodeError, DisconnectReasonCode, Packet, PingResp};
 use crate::router::RetainedStore;
-use crate::router::{Route, RouteTable, SharedGroups, SubscriptionIndex};
+use crate::router::{RouteTable, SharedGroups, SubscriptionIndex};
+use crate::model::Route;
+use drivers::DriverSlot;
 use subscribe::ParkedSubAck;
 
 /// Ticks a closing connection may spend flushing before it is dropped regardless.
@@ -59,7 +61,7 @@ pub struct Engine {
     config: Rc<Config>,
     conns: Slab<Conn>,
     sessions: Slab<Session>,
-    client_ids: AHashMap<Box<str>, usize>,
+    client_ids: AHashMap<Box<str>, SessionKey>,
     /// Local plain subscriptions.
     subscriptions: SubscriptionIndex,
     /// Local members of shared subscription groups.
@@ -70,30 +72,25 @@ pub struct Engine {
     route_refs: AHashMap<Route, u32>,
     retained: RetainedStore,
     cluster: Box<dyn Cluster>,
-    /// This worker's index among `workers` (0 of 1 for a single worker).
-    index: u16,
-    workers: u16,
+    /// This worker's name in the cluster.
+    me: NodeId,
     /// Set while a CONNECT is decoded: the bytes to pass on if the client id lives elsewhere.
     connect_bytes: Option<bytes::Bytes>,
-    /// Connections to hand to the worker owning their client id: (conn, worker, bytes).
-    /// TCP (and QUIC-relay) connections, for the TCP reactor.
-    handoffs: Vec<(ConnKey, u16, bytes::Bytes)>,
-    /// The same for connections the QUIC driver serves directly (see `accept_quic`).
-    quic_handoffs: Vec<(ConnKey, u16, bytes::Bytes)>,
-    /// Sockets other workers handed to this one, waiting for the transport to adopt them.
-    adopted: Vec<(std::os::fd::OwnedFd, bytes::Bytes)>,
+    /// The transport drivers, by [`DriverId`]: their dirty lists, handoffs and adoptions.
+    drivers: Vec<DriverSlot>,
     /// Connections with acknowledgements held for a cluster barrier.
     holding_acks: Vec<ConnKey>,
     /// SUBACKs waiting for a cluster barrier.
     parked_subacks: Vec<(u64, ParkedSubAck)>,
     /// Routes each peer announced, so they can be dropped when it goes away.
-    remote_routes: Vec<std::collections::HashSet<Route>>,
-    /// Latest counters reported by each worker (for `$SYS`, kept by worker 0).
-    worker_stats: Vec<Option<WorkerStats>>,
+    remote_routes: AHashMap<NodeId, std::collections::HashSet<Route>>,
+    /// Latest counters reported by each worker, this one included (for `$SYS`, kept by the
+    /// worker that publishes it).
+    worker_stats: std::collections::BTreeMap<NodeId, WorkerStats>,
     started_at: Instant,
     last_sys_publish: Option<Instant>,
-    plain_worker_scratch: Vec<u16>,
-    shared_target_scratch: Vec<(u16, Box<str>, Box<str>)>,
+    plain_worker_scratch: Vec<NodeId>,
+    shared_target_scratch: Vec<(NodeId, SharedTarget)>,
     /// Connections that count against the limit (have not been refused).
     admitted: usize,
     /// New connections per source address (this worker's share of the broker's rate).
@@ -102,21 +99,17 @@ pub struct Engine {
     resident_bytes: u64,
     next_assigned_id: u64,
     /// Reused on every PUBLISH to collect matching subscriptions without allocating.
-    match_scratch: Vec<(usize, topic_trie::SubscriptionOptions)>,
-    /// Connections with output or a pending close, for the TCP reactor.
-    dirty: Rc<DirtyList>,
-    /// The same for connections the QUIC driver serves directly.
-    dirty_quic: Rc<DirtyList>,
-    /// Connections the QUIC driver serves directly (the rest are the TCP reactor's).
-    quic_conns: usize,
+    match_scratch: Vec<(SessionKey, topic_trie::SubscriptionOptions)>,
     pub stats: Stats,
 }
 
 impl Engine {
-    /// An engine for worker `index` of `workers` (0 of 1 for a single-worker broker).
-    pub fn new(config: Rc<Config>, cluster: Box<dyn Cluster>, index: u16, workers: u16) -> Engine {
+    /// An engine for the worker `cluster` names ([`Cluster::local_node`]).
+    pub fn new(config: Rc<Config>, cluster: Box<dyn Cluster>) -> Engine {
         let retained = RetainedStore::new(config.limits.max_retained_messages);
+        let workers = cluster.local_workers();
         let connect_limiter = rate::ConnectLimiter::new(connect_rate(&config, workers));
+        let me = cluster.local_node();
         Engine {
             config,
             conns: Slab::new(),
@@ -128,16 +121,13 @@ impl Engine {
             route_refs: AHashMap::new(),
             retained,
             cluster,
-            index,
-            workers: workers.max(1),
+            me,
             connect_bytes: None,
-            handoffs: Vec::new(),
-            quic_handoffs: Vec::new(),
-            adopted: Vec::new(),
+            drivers: Vec::new(),
             parked_subacks: Vec::new(),
             holding_acks: Vec::new(),
-            worker_stats: vec![None; workers.max(1) as usize],
-            remote_routes: vec![Default::default(); workers.max(1) as usize],
+            worker_stats: Default::default(),
+            remote_routes: AHashMap::new(),
             started_at: Instant::now(),
             last_sys_publish: None,
             plain_worker_scratch: Vec::new(),
@@ -147,56 +137,12 @@ impl Engine {
             resident_bytes: 0,
             next_assigned_id: 0,
             match_scratch: Vec::new(),
-            dirty: Rc::new(DirtyList::default()),
-            dirty_quic: Rc::new(DirtyList::default()),
-            quic_conns: 0,
             stats: Stats::default(),
         }
     }
 
     pub fn config(&self) -> &Config {
         &self.config
-    }
-
-    /// A new connection: from the network (`peer` is its source address, for the per-IP
-    /// connect rate) or handed over by another worker (`None`: already rate-checked there).
-    /// Over a limit it is still accepted, so that its CONNECT can be answered with the
-    /// reason ("quota exceeded" / "server unavailable" / "connection rate exceeded"); no
-    /// session is created for it.
-    pub fn accept(&mut self, now: Instant, peer: Option<IpAddr>) -> ConnKey {
-        self.accept_on(now, peer, Transport::Tcp)
-    }
-
-    /// A new connection served directly by the QUIC driver (not through a socketpair):
-    /// as [`Engine::accept`], but it announces itself on the QUIC dirty list
-    /// ([`Engine::take_dirty_quic`]) and its handoff goes to [`Engine::take_quic_handoff`].
-    pub fn accept_quic(&mut self, now: Instant, peer: IpAddr) -> ConnKey {
-        self.accept_on(now, Some(peer), Transport::Quic)
-    }
-
-    fn accept_on(&mut self, now: Instant, peer: Option<IpAddr>, transport: Transport) -> ConnKey {
-        let admission = self.admission(now, peer);
-        if admission == Admission::Admitted {
-            self.admitted += 1;
-            self.cluster.connections_changed(self.admitted);
-        }
-        self.stats.connections_accepted += 1;
-        let (packets, bytes) = publish::publish_rates(&self.config.limits);
-        let buckets = rate::PublishBuckets::full(packets, bytes, self.millis(now));
-        let entry = self.conns.vacant_entry();
-        let key = entry.key();
-        let dirty = match transport {
-            Transport::Tcp => self.dirty.clone(),
-            Transport::Quic => self.dirty_quic.clone(),
-        };
-        let mut conn = Conn::new(key, dirty, now, admission);
-        conn.transport = transport;
-        if transport == Transport::Quic {
-            self.quic_conns += 1;
-        }
-        conn.publish_buckets = buckets;
-        entry.insert(conn);
-        key
     }
 
     /// While a throttled client is paused: when its input may be read again. The driver
@@ -245,9 +191,7 @@ impl Engine {
 
     /// A connection's slot was freed (closed, or handed to another worker).
     fn forget_conn(&mut self, conn: &Conn) {
-        if conn.transport == Transport::Quic {
-            self.quic_conns -= 1;
-        }
+        self.drivers[conn.driver_index()].conns -= 1;
         self.release_admission(conn.admission);
     }
 
@@ -277,7 +221,7 @@ impl Engine {
         let Some(conn) = self.conns.get(key) else {
             return;
         };
-        if conn.state == ConnState::AwaitingConnect && self.workers > 1 {
+        if conn.state == ConnState::AwaitingConnect && !self.cluster.is_alone() {
             // Kept until CONNECT is decoded: if its client id lives on another worker, the
             // connection moves there together with every byte read so far.
             self.connect_bytes = Some(bytes::Bytes::copy_from_slice(buf));
@@ -394,9 +338,8 @@ impl Engine {
         if !self.conns.contains(key) {
             return;
         }
-        if !self.quic_handoffs.is_empty() {
-            self.quic_handoffs.retain(|h| h.0 != key);
-        }
+        // A handoff it never made (the driver lost the socket first) goes with it.
+        let _ = self.take_handoff(key);
         self.end_connection(key, true, now);
         let conn = self.conns.remove(key);
         self.forget_conn(&conn);
@@ -448,43 +391,6 @@ impl Engine {
             );
             self.end_connection(key, false, now);
         }
-    }
-
-    /// The connections that gained output or must close since the last call, each once.
-    pub fn take_dirty(&mut self, into: &mut Vec<ConnKey>) {
-        self.dirty.take(into);
-        self.dequeue(into, Transport::Tcp);
-    }
-
-    /// [`Engine::take_dirty`] for the connections the QUIC driver serves directly.
-    pub fn take_dirty_quic(&mut self, into: &mut Vec<ConnKey>) {
-        self.dirty_quic.take(into);
-        self.dequeue(into, Transport::Quic);
-    }
-
-    /// Taken off a dirty list: may be queued again. A key whose slot now holds a connection
-    /// of the other transport (closed and reused since) is left alone.
-    fn dequeue(&mut self, keys: &[ConnKey], transport: Transport) {
-        for &key in keys {
-            if let Some(conn) = self.conns.get_mut(key) {
-                if conn.transport == transport {
-                    conn.queued = false;
-                }
-            }
-        }
-    }
-
-    /// [`Engine::poll_dirty`] for the QUIC driver.
-    pub fn poll_dirty_quic(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        self.dirty_quic.poll_ready(cx)
-    }
-
-    /// Ready when some connection is dirty; wakes the caller on the next one otherwise.
-    pub fn poll_dirty(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if !self.adopted.is_empty() {
-            return std::task::Poll::Ready(());
-        }
-        self.dirty.poll_ready(cx)
     }
 
     /// Runs the timers; call about once a second.
@@ -614,7 +520,7 @@ impl Engine {
 
     /// Removes a session and its subscriptions; a will still pending is published first
     /// (the session's end is one of the two moments a delayed will is due).
-    fn discard_session(&mut self, skey: usize, now: Instant) {
+    fn discard_session(&mut self, skey: SessionKey, now: Instant) {
         let session = self.sessions.remove(skey);
         if self.client_ids.get(&session.client_id) == Some(&skey) {
             self.client_ids.remove(&session.client_id);
@@ -630,12 +536,6 @@ impl Engine {
 
     pub fn connection_count(&self) -> usize {
         self.conns.len()
-    }
-
-    /// Connections served by the TCP reactor (TCP sockets and socketpair ends), the ones
-    /// it waits for when it shuts down; the QUIC driver drains its own.
-    pub fn tcp_connection_count(&self) -> usize {
-        self.conns.len() - self.quic_conns
     }
 
     pub fn session_count(&self) -> usize {
@@ -655,8 +555,8 @@ impl Engine {
         loop {
             self.next_assigned_id += 1;
             let id = format!("mqttd-{}-{:x}", std::process::id(), self.next_assigned_id);
-            let home = crate::cluster::home_worker(&id, self.workers);
-            if home == self.index && !self.client_ids.contains_key(id.as_str()) {
+            let home = self.cluster.home_of(&id);
+            if home == self.me && !self.client_ids.contains_key(id.as_str()) {
                 return id;
             }
         }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use super::message::{Delivery, Message};
+use super::conn::HeldAcks;
+use crate::model::{Delivery, Message, NodeId, SharedTarget};
 use super::rate::Rate;
 use super::{ConnKey, Engine};
 use crate::config::{Limits, RateLimitAction};
@@ -218,11 +219,12 @@ impl Engine {
         let conn = &mut self.conns[key];
         match (&mut conn.held_acks, barrier) {
             (Some(held), barrier) => {
-                held.0 = barrier.unwrap_or(held.0).max(held.0);
-                held.1.push(ack);
+                held.barrier = barrier.unwrap_or(held.barrier).max(held.barrier);
+                held.acks.push(ack);
             }
             (None, Some(barrier)) => {
-                conn.held_acks = Some(Box::new((barrier, vec![ack])));
+                let acks = vec![ack];
+                conn.held_acks = Some(Box::new(HeldAcks { barrier, acks }));
                 self.holding_acks.push(key);
             }
             (None, None) => conn.send(&ack),
@@ -266,19 +268,17 @@ impl Engine {
         let mut shared = std::mem::take(&mut self.shared_target_scratch);
         plain_workers.clear();
         shared.clear();
-        let me = self.index;
+        let me = self.me;
         self.routes
             .for_each_match(msg.topic_str(), |&worker, kind| match kind {
                 RouteKind::Plain if worker != me => plain_workers.push(worker),
                 RouteKind::Plain => {}
-                RouteKind::Shared { group, filter } => {
-                    shared.push((worker, group.clone(), filter.clone()))
-                }
+                RouteKind::Shared(target) => shared.push((worker, target.clone())),
             });
-        for (_, group, filter) in shared.iter().filter(|(w, ..)| *w == me) {
-            self.deliver_to_shared_group(group, filter, msg, now);
+        for (_, target) in shared.iter().filter(|(w, _)| *w == me) {
+            self.deliver_to_shared_group(&target.group, &target.filter, msg, now);
         }
-        shared.retain(|(w, ..)| *w != me);
+        shared.retain(|(w, _)| *w != me);
         plain_workers.sort_unstable();
         plain_workers.dedup();
         if shared.is_empty() {
@@ -288,19 +288,19 @@ impl Engine {
                 self.cluster.forward(worker, msg, true, &[]);
             }
         } else {
-            let mut workers: Vec<u16> = plain_workers
+            let mut workers: Vec<NodeId> = plain_workers
                 .iter()
                 .copied()
-                .chain(shared.iter().map(|(w, ..)| *w))
+                .chain(shared.iter().map(|(w, _)| *w))
                 .collect();
             workers.sort_unstable();
             workers.dedup();
             for worker in workers {
                 let plain = plain_workers.binary_search(&worker).is_ok();
-                let groups: Vec<(Box<str>, Box<str>)> = shared
+                let groups: Vec<SharedTarget> = shared
                     .iter()
-                    .filter(|(w, ..)| *w == worker)
-                    .map(|(_, g, f)| (g.clone(), f.clone()))
+                    .filter(|(w, _)| *w == worker)
+                    .map(|(_, target)| target.clone())
                     .collect();
                 self.stats.forwarded += 1;
                 self.cluster.forward(worker, msg, plain, &groups);

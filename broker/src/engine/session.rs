@@ -10,7 +10,7 @@ use ahash::AHashMap;
 use topic_trie::SubscriptionOptions;
 
 use super::accounting::held_message_bytes;
-use super::message::{Delivery, Message};
+use crate::model::{Delivery, Message};
 
 /// Where a QoS 1/2 message sent to the client stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -35,7 +35,7 @@ pub struct Stats {
     pub dropped_too_large: u64,
     /// Queued or inflight messages lost because their session ended.
     pub dropped_on_session_end: u64,
-    // Limits, accounting and rate limits (issue 5).
+    // Limits, accounting and rate limits.
     /// CONNECTs refused because the worker was above its memory high watermark.
     pub connections_refused_memory: u64,
     /// CONNECTs refused because their address exceeded the per-IP connect rate.

@@ -6,13 +6,13 @@ use std::time::Instant;
 
 use topic_trie::{SubscriptionFilter, SubscriptionOptions};
 
-use super::message::{Delivery, Message};
+use crate::model::{Delivery, Message};
 use super::{ConnKey, Engine};
 use crate::protocol::{
     qos_from_u8, DisconnectReasonCode, Filter, Packet, RetainForwardRule, SubAck, Subscribe,
     SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
-use crate::router::Route;
+use crate::model::Route;
 
 /// What one filter of a SUBSCRIBE came to.
 enum FilterOutcome {
@@ -311,7 +311,7 @@ impl Engine {
         if *refs > 1 {
             return false;
         }
-        self.routes.add(self.index, &route);
+        self.routes.add(self.me, &route);
         self.cluster.route_added(&route);
         true
     }
@@ -321,7 +321,7 @@ impl Engine {
             *refs -= 1;
             if *refs == 0 {
                 self.route_refs.remove(&route);
-                self.routes.remove(self.index, &route);
+                self.routes.remove(self.me, &route);
                 self.cluster.route_removed(&route);
             }
         }

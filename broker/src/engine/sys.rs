@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{ConnState, Engine, Message};
-use crate::cluster::WorkerStats;
+use crate::model::WorkerStats;
 use crate::protocol::QoS;
 
 /// How often `$SYS` is refreshed.
@@ -44,15 +44,14 @@ impl Engine {
         }
         self.last_sys_publish = Some(now);
         let stats = self.local_stats();
-        self.worker_stats[self.index as usize] = Some(stats);
+        self.worker_stats.insert(self.me, stats);
         self.cluster.report_stats(&stats);
-        if self.index != 0 {
+        if self.cluster.sys_publisher() != self.me {
             return;
         }
         let mut total = WorkerStats::default();
         let mut topics: Vec<(String, String)> = Vec::new();
-        for (i, s) in self.worker_stats.iter().enumerate() {
-            let Some(s) = s else { continue };
+        for (i, s) in &self.worker_stats {
             total.clients_connected += s.clients_connected;
             total.sessions += s.sessions;
             total.subscriptions += s.subscriptions;
@@ -114,7 +113,7 @@ impl Engine {
             ),
             (
                 "$SYS/broker/workers/count".to_string(),
-                self.workers.to_string(),
+                self.cluster.local_workers().to_string(),
             ),
             (
                 "$SYS/broker/messages/forwarded".to_string(),

@@ -1,4 +1,4 @@
-//! Engine tests of issue 5's limits: the accountant's exact figures, the budget policy,
+//! Engine tests of the limits: the accountant's exact figures, the budget policy,
 //! connection limits, the memory watermark and the rate limits. No sockets, no clocks.
 
 use std::mem::size_of;

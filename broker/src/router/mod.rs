@@ -7,7 +7,7 @@ mod routes;
 mod shared;
 
 pub use retained::RetainedStore;
-pub use routes::{Route, RouteKind, RouteTable};
+pub use routes::{RouteKind, RouteTable};
 pub use shared::SharedGroups;
 pub use topic_trie::SubscriptionOptions;
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 use ahash::AHashMap;
 use bytes::Bytes;
 
-use crate::engine::Message;
+use crate::model::Message;
 
 #[derive(Debug)]
 pub struct RetainedStore {

@@ -5,46 +5,38 @@
 
 use topic_trie::TopicTrie;
 
-/// A route as announced between workers: a filter, and the group for a shared subscription.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Route {
-    pub filter: Box<str>,
-    pub group: Option<Box<str>>,
-}
+use crate::model::{NodeId, Route, SharedTarget};
 
 /// What a route-table match yields per worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteKind {
     Plain,
     /// A shared group this worker has members of (the trie picks one worker per group).
-    Shared {
-        group: Box<str>,
-        filter: Box<str>,
-    },
+    Shared(SharedTarget),
 }
 
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    trie: TopicTrie<u16, RouteKind>,
+    trie: TopicTrie<NodeId, RouteKind>,
 }
 
 impl RouteTable {
-    pub fn add(&mut self, worker: u16, route: &Route) {
+    pub fn add(&mut self, worker: NodeId, route: &Route) {
         match &route.group {
             None => {
                 self.trie.insert(&route.filter, worker, RouteKind::Plain);
             }
             Some(group) => {
-                let kind = RouteKind::Shared {
+                let kind = RouteKind::Shared(SharedTarget {
                     group: group.clone(),
                     filter: route.filter.clone(),
-                };
+                });
                 self.trie.insert_shared(group, &route.filter, worker, kind);
             }
         }
     }
 
-    pub fn remove(&mut self, worker: u16, route: &Route) {
+    pub fn remove(&mut self, worker: NodeId, route: &Route) {
         match &route.group {
             None => self.trie.remove(&route.filter, &worker),
             Some(group) => self.trie.remove_shared(group, &route.filter, &worker),
@@ -53,7 +45,7 @@ impl RouteTable {
 
     /// Calls `visit` for each worker with a plain route matching `topic`, and for each
     /// matching shared group once, with the worker picked to serve it.
-    pub fn for_each_match(&self, topic: &str, visit: impl FnMut(&u16, &RouteKind)) {
+    pub fn for_each_match(&self, topic: &str, visit: impl FnMut(&NodeId, &RouteKind)) {
         self.trie.for_each_match(topic, visit);
     }
 

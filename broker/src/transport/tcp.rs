@@ -20,7 +20,8 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use tokio::io::unix::AsyncFd;
 
-use crate::engine::{ConnKey, Engine};
+use crate::cluster::StreamKind;
+use crate::engine::{ConnKey, DriverId, Engine};
 
 /// Bytes read per `read(2)`: many small packets per syscall.
 const READ_CHUNK: usize = 64 * 1024;
@@ -41,6 +42,8 @@ pub struct TcpReactor {
     /// Sockets by engine connection key.
     streams: Vec<Option<TcpStream>>,
     engine: Rc<RefCell<Engine>>,
+    /// This reactor's id with the engine.
+    driver: DriverId,
     scratch: BytesMut,
     /// Connections that used up their read budget and may have more to read.
     unfinished_reads: Vec<ConnKey>,
@@ -80,12 +83,16 @@ impl TcpReactor {
         let mut listener = TcpListener::from_std(listener);
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        // Plain MQTT byte streams handed over by other workers are served here too: TCP
+        // sockets, and the worker ends of QUIC relays.
+        let driver = engine.borrow_mut().add_driver(&[StreamKind::Mqtt]);
         Ok(TcpReactor {
             poll,
             events: Events::with_capacity(EVENTS_PER_TURN),
             listener: Some(listener),
             streams: Vec::new(),
             engine,
+            driver,
             scratch: BytesMut::with_capacity(READ_CHUNK),
             unfinished_reads: Vec::new(),
             dirty: Vec::new(),
@@ -105,8 +112,9 @@ impl TcpReactor {
         let mut drain_deadline = None;
         loop {
             self.turn();
-            // QUIC connections served directly are the QUIC driver's to drain.
-            if drain_deadline.is_some() && self.engine.borrow().tcp_connection_count() == 0 {
+            // Other drivers' connections are theirs to drain.
+            let open = self.engine.borrow().driver_connections(self.driver);
+            if drain_deadline.is_some() && open == 0 {
                 return Ok(());
             }
             let events_left = self.events.iter().count() == EVENTS_PER_TURN;
@@ -125,7 +133,7 @@ impl TcpReactor {
                     ready?.clear_ready();
                     Wake::Io
                 }
-                _ = poll_fn(|cx| self.engine.borrow().poll_dirty(cx)) => Wake::Io,
+                _ = poll_fn(|cx| self.engine.borrow().poll_dirty(self.driver, cx)) => Wake::Io,
                 _ = sleep_until(accept_retry), if accept_retry.is_some() => Wake::AcceptRetry,
                 _ = sleep_until(resume_at), if resume_at.is_some() => Wake::ResumeReads,
                 _ = &mut shutdown, if !draining => Wake::Shutdown,
@@ -201,14 +209,18 @@ impl TcpReactor {
 
     /// Connections whose client id lives on another worker leave for it, socket and bytes.
     fn hand_off_connections(&mut self) {
-        let handoffs = self.engine.borrow_mut().take_handoffs();
-        for (key, to, bytes) in handoffs {
+        let handoffs = self.engine.borrow_mut().take_handoffs(self.driver);
+        for handoff in handoffs {
+            let key = handoff.key;
             let Some(mut stream) = self.streams.get_mut(key).and_then(Option::take) else {
                 continue;
             };
             let _ = self.poll.registry().deregister(&mut stream);
             let socket = OwnedFd::from(stream);
-            let result = self.engine.borrow_mut().hand_off(key, to, socket, bytes);
+            let result = self
+                .engine
+                .borrow_mut()
+                .hand_off(handoff, StreamKind::Mqtt, socket);
             if let Err(socket) = result {
                 // The engine refused the client instead; keep the socket to flush that.
                 self.install(key, TcpStream::from_std(std::net::TcpStream::from(socket)));
@@ -218,13 +230,14 @@ impl TcpReactor {
 
     /// Connections other workers handed over: adopted, then fed the bytes already read.
     fn adopt_handed_over(&mut self) {
-        let adopted = self.engine.borrow_mut().take_adopted();
-        for (socket, bytes) in adopted {
+        let adopted = self.engine.borrow_mut().take_adopted(self.driver);
+        for stream in adopted {
             let now = Instant::now();
             // Rate-checked where it arrived: no address for the per-IP connect rate here.
-            let key = self.engine.borrow_mut().accept(now, None);
+            let key = self.engine.borrow_mut().accept(self.driver, now, None);
+            let socket = stream.socket;
             self.install(key, TcpStream::from_std(std::net::TcpStream::from(socket)));
-            let mut buf = BytesMut::from(&bytes[..]);
+            let mut buf = BytesMut::from(&stream.bytes[..]);
             self.engine.borrow_mut().handle_read(key, &mut buf, now);
         }
     }
@@ -277,7 +290,7 @@ impl TcpReactor {
         }
         let now = Instant::now();
         for (stream, peer) in accepted {
-            let key = self.engine.borrow_mut().accept(now, Some(peer.ip()));
+            let key = self.engine.borrow_mut().accept(self.driver, now, Some(peer.ip()));
             self.install(key, stream);
         }
     }
@@ -341,7 +354,7 @@ impl TcpReactor {
         let mut dirty = std::mem::take(&mut self.dirty);
         loop {
             let mut more = Vec::new();
-            self.engine.borrow_mut().take_dirty(&mut more);
+            self.engine.borrow_mut().take_dirty(self.driver, &mut more);
             dirty.append(&mut more);
             if dirty.is_empty() {
                 break;

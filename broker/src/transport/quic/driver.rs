@@ -43,7 +43,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
 use super::relay::{EngineIo, EngineSide, Outcome, Relay};
-use crate::engine::{ConnKey, Engine};
+use crate::cluster::StreamKind;
+use crate::engine::{ConnKey, DriverId, Engine, PendingHandoff};
 
 /// Readiness events taken from epoll per turn.
 const EVENTS_PER_TURN: usize = 1024;
@@ -114,6 +115,8 @@ struct Conn {
 }
 
 pub struct Driver {
+    /// This driver's id with the engine.
+    id: DriverId,
     endpoint: Endpoint,
     server_config: Arc<ServerConfig>,
     poll: Poll,
@@ -181,6 +184,7 @@ impl Driver {
         endpoint: Endpoint,
         server_config: Arc<ServerConfig>,
         socket: std::net::UdpSocket,
+        id: DriverId,
     ) -> io::Result<Driver> {
         socket.set_nonblocking(true)?;
         let local_addr = socket.local_addr()?;
@@ -192,6 +196,7 @@ impl Driver {
         let recv_slot = (udp.gro_segments().max(1) * MAX_UDP_PAYLOAD).min(64 * 1024);
         let max_gso = udp.max_gso_segments().clamp(1, MAX_GSO_SEGMENTS);
         Ok(Driver {
+            id,
             endpoint,
             server_config,
             poll,
@@ -258,7 +263,7 @@ impl Driver {
                     Err(e) => return tracing::error!("QUIC driver: epoll: {e}"),
                 },
                 _ = sleep_until(next_timer), if next_timer.is_some() => {}
-                _ = std::future::poll_fn(|cx| engine.borrow().poll_dirty_quic(cx)) => {}
+                _ = std::future::poll_fn(|cx| engine.borrow().poll_dirty(self.id, cx)) => {}
                 changed = phase.changed(), if phase_open => {
                     if changed.is_err() {
                         phase_open = false;
@@ -361,7 +366,7 @@ impl Driver {
 
     /// Marks the connections the engine gave output or a close since the last call.
     fn mark_dirty(&mut self, engine: &std::rc::Rc<std::cell::RefCell<Engine>>) {
-        engine.borrow_mut().take_dirty_quic(&mut self.dirty);
+        engine.borrow_mut().take_dirty(self.id, &mut self.dirty);
         for &key in &self.dirty {
             let index = self.by_key.get(key).copied().unwrap_or(NO_CONN);
             if index == NO_CONN {
@@ -638,8 +643,8 @@ impl Driver {
             };
             match outcome {
                 None => return,
-                Some(Outcome::HandOff { to, bytes }) => {
-                    if !self.hand_off(relay, index, to, bytes, now, engine) {
+                Some(Outcome::HandOff(handoff)) => {
+                    if !self.hand_off(relay, index, handoff, now, engine) {
                         conn.quic
                             .close(now, 0u32.into(), Bytes::from_static(b"server busy"));
                         conn.stage = Stage::Closed;
@@ -680,7 +685,7 @@ impl Driver {
                     }
                 }
             }
-            Outcome::ClientGone | Outcome::HandOff { .. } => {
+            Outcome::ClientGone | Outcome::HandOff(_) => {
                 // Dropping a socketpair end (with the stage): the engine reads EOF, as from
                 // a TCP peer that went away, and publishes the will if one is due.
                 conn.quic.close(now, 0u32.into(), Bytes::new());
@@ -700,7 +705,7 @@ impl Driver {
     ) -> Relay {
         let peer = conn.quic.remote_address().ip();
         let mut engine = engine.borrow_mut();
-        let key = engine.accept_quic(now, peer);
+        let key = engine.accept(self.id, now, Some(peer));
         engine.set_transport_bytes(key, QUIC_CONNECTION_BYTES);
         let max_packet_size = engine.config().limits.max_packet_size;
         if self.by_key.len() <= key {
@@ -714,15 +719,14 @@ impl Driver {
         Relay::new(side, control, max_packet_size)
     }
 
-    /// The engine found that the client id lives on worker `to`: a socketpair, one end to
-    /// that worker (with the bytes read so far, over the mesh like a TCP handoff), the
-    /// other kept by the relay from now on. False if the connection must be dropped.
+    /// The engine found that the client id lives on another worker: a socketpair, one end
+    /// to that worker (with the bytes read so far, over the cluster like a TCP handoff),
+    /// the other kept by the relay from now on. False if the connection must be dropped.
     fn hand_off(
         &mut self,
         relay: &mut Relay,
         index: usize,
-        to: u16,
-        bytes: Bytes,
+        handoff: PendingHandoff,
         now: Instant,
         engine: &std::rc::Rc<std::cell::RefCell<Engine>>,
     ) -> bool {
@@ -752,14 +756,15 @@ impl Driver {
                 return false;
             }
         };
-        match engine.hand_off(key, to, OwnedFd::from(theirs), bytes) {
+        // The relayed stream carries plain MQTT bytes: the other worker reads it as TCP.
+        match engine.hand_off(handoff, StreamKind::Mqtt, OwnedFd::from(theirs)) {
             Ok(()) => {
                 self.forget_key(key);
                 relay.switch_to_socket(ours);
             }
             Err(_theirs) => {
-                // The engine refused the client instead (CONNACK "server unavailable"),
-                // which the relay flushes directly.
+                // The engine refused the client instead (a CONNACK saying why), which the
+                // relay flushes directly.
                 let mut ours = ours;
                 let _ = self.poll.registry().deregister(&mut ours);
             }

@@ -37,13 +37,18 @@ use driver::Phase;
 /// The ALPN protocol id EMQX and its clients use for MQTT over QUIC.
 pub const ALPN: &[u8] = b"mqtt";
 
-/// The QUIC driver serving `config.quic` on `socket` (bound by the caller).
-pub fn driver(config: &Config, socket: std::net::UdpSocket) -> anyhow::Result<Driver> {
+/// The QUIC driver serving `config.quic` on `socket` (bound by the caller), registered with
+/// `engine` as one of its drivers.
+pub fn driver(
+    config: &Config,
+    socket: std::net::UdpSocket,
+    engine: &mut Engine,
+) -> anyhow::Result<Driver> {
     let tls = cert::server_tls(&config.quic)?;
     let mut crypto = quinn_proto::crypto::rustls::QuicServerConfig::try_from(tls)
         .context("TLS configuration unusable for QUIC")?;
-    // A QUIC server needs nothing of rustls once the handshake is over (the vendored
-    // quinn-proto's patch 3): ~3.7 KB less per connection.
+    // A QUIC server needs nothing of rustls once the handshake is over (an option the
+    // vendored quinn-proto adds): ~3.7 KB less per connection.
     crypto.release_tls_after_handshake(true);
     let mut server = quinn_proto::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(transport(config)?));
@@ -59,7 +64,10 @@ pub fn driver(config: &Config, socket: std::net::UdpSocket) -> anyhow::Result<Dr
     let server = Arc::new(server);
     let endpoint =
         quinn_proto::Endpoint::new(Arc::new(endpoint_config), Some(server.clone()), false, None);
-    Driver::new(endpoint, server, socket).context("starting the QUIC driver")
+    // Connections handed to this worker arrive as plain MQTT streams (socketpair relays)
+    // and are the TCP reactor's: this driver adopts none.
+    let id = engine.add_driver(&[]);
+    Driver::new(endpoint, server, socket, id).context("starting the QUIC driver")
 }
 
 /// The running driver, as the worker sees it.
@@ -93,7 +101,7 @@ impl Running {
 /// wrong worker (the client's address changed and SO_REUSEPORT hashed it elsewhere) is
 /// recognised as one of this broker's connections and answered with a stateless reset the
 /// client accepts: the client reconnects at once instead of retransmitting until the idle
-/// timeout (ARCHITECTURE.md, "Packets of one connection must reach the worker").
+/// timeout (docs/QUIC.md, "Packets of one connection must reach the worker").
 fn shared_secret(config: &Config) -> anyhow::Result<[u8; 32]> {
     let (_, key_path) = cert::paths(&config.quic);
     let pem =
@@ -131,7 +139,7 @@ fn transport(config: &Config) -> anyhow::Result<quinn_proto::TransportConfig> {
     // of its own, which the probes grew; the driver's is shared now.
     t.initial_mtu(quic.initial_mtu);
     // One connection ID in use and one spare for migration: each issued ID is an entry in
-    // the endpoint's index and the connection's state (vendored quinn-proto's patch 6).
+    // the endpoint's index and the connection's state (a setting the vendored quinn-proto adds).
     t.max_issued_connection_ids(2);
     let factory: Arc<dyn quinn_proto::congestion::ControllerFactory + Send + Sync> =
         match quic.congestion {

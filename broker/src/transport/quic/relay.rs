@@ -25,7 +25,7 @@ use std::time::Instant;
 use bytes::{Buf, Bytes, BytesMut};
 use quinn_proto::{Connection, Dir, ReadError, StreamId, WriteError};
 
-use crate::engine::{ConnKey, Engine};
+use crate::engine::{ConnKey, Engine, PendingHandoff};
 
 use super::mux::{packets, Framer, Mux, StreamNo, CONTROL};
 
@@ -76,7 +76,7 @@ impl Flow {
 }
 
 /// How a relay ended, or must change.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(super) enum Outcome {
     /// The engine closed its end (DISCONNECT, takeover, protocol error, keep-alive...).
     EngineClosed,
@@ -84,7 +84,7 @@ pub(super) enum Outcome {
     ClientGone,
     /// Direct only: the client id lives on worker `to`; the driver hands it a socketpair
     /// end with `bytes` (everything read so far) and calls [`Relay::switch_to_socket`].
-    HandOff { to: u16, bytes: Bytes },
+    HandOff(PendingHandoff),
 }
 
 /// Where the relay's engine side is.
@@ -130,7 +130,7 @@ pub(super) struct Relay {
     /// Direct: the engine gave up on flushing a closing connection (`should_abort`).
     aborted: bool,
     /// Direct: the engine decided to hand the connection to another worker.
-    handoff: Option<(u16, Bytes)>,
+    handoff: Option<PendingHandoff>,
 }
 
 impl Relay {
@@ -227,8 +227,8 @@ impl Relay {
             progress |= self.read_client(conn);
             if self.direct_key().is_some() {
                 progress |= self.feed_engine(io);
-                if let Some((to, bytes)) = self.handoff.take() {
-                    return Some(Outcome::HandOff { to, bytes });
+                if let Some(handoff) = self.handoff.take() {
+                    return Some(Outcome::HandOff(handoff));
                 }
                 progress |= self.take_output(io);
             } else {
@@ -353,7 +353,7 @@ impl Relay {
         }
         self.to_engine_bytes = 0;
         io.engine.handle_read(key, io.feed, io.now);
-        self.handoff = io.engine.take_quic_handoff(key);
+        self.handoff = io.engine.take_handoff(key);
         true
     }
 

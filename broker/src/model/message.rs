@@ -6,6 +6,9 @@ use bytes::Bytes;
 
 use crate::protocol::{PublishProperties, QoS};
 
+/// A session's slot in one worker's engine. Meaningful only on that worker.
+pub type SessionKey = usize;
+
 /// One PUBLISH as received, shared (`Rc`) by every queue and inflight window holding it.
 ///
 /// The topic is the resolved name (never an alias) and was validated as UTF-8; `properties`
@@ -20,8 +23,9 @@ pub struct Message {
     pub properties: Option<Box<PublishProperties>>,
     /// From the v5 Message Expiry Interval; the message is dropped undelivered after it.
     pub expires_at: Option<Instant>,
-    /// Session that published it, for No Local subscriptions (`None` for wills and $SYS).
-    pub origin: Option<usize>,
+    /// Session that published it, for No Local subscriptions (`None` for wills, `$SYS`
+    /// and messages from other workers).
+    pub origin: Option<SessionKey>,
 }
 
 impl Message {

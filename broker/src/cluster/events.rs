@@ -1,0 +1,86 @@
+//! What the cluster tells the engine, and the queue it travels through.
+//!
+//! A backend never calls into the engine: it pushes [`ClusterEvent`]s into the worker's
+//! [`ClusterInbox`], and the worker feeds them to `Engine::handle_cluster` in the order
+//! they were pushed. So no backend holds a reference to the engine, and nothing a backend
+//! does from inside a [`super::Cluster`] call can re-enter it.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::task::{Context, Poll, Waker};
+
+use super::HandedStream;
+use crate::model::{Message, NodeId, Route, SessionImage, SharedTarget, WorkerStats};
+
+#[derive(Debug)]
+pub enum ClusterEvent {
+    /// A peer is reachable (first time, or again after a restart): it needs this worker's
+    /// routes and the retained messages (answered with [`super::Cluster::sync_peer`]).
+    PeerJoined(NodeId),
+    /// A peer is gone, or a new process replaced it: forget everything it announced.
+    PeerLeft(NodeId),
+    RouteAdded { from: NodeId, route: Route },
+    RouteRemoved { from: NodeId, route: Route },
+    /// A message published on another worker, for this worker's plain subscribers (if
+    /// `plain`) and for one local member of each listed shared group.
+    Forwarded {
+        msg: Message,
+        plain: bool,
+        shared: Vec<SharedTarget>,
+    },
+    /// A retained message set (or cleared, empty payload) on another worker.
+    Retained(Message),
+    /// A peer asks to be told once everything it sent before this point has been applied
+    /// (answered with [`super::Cluster::barrier_reached`]).
+    BarrierRequested { from: NodeId, id: u64 },
+    /// Every peer confirmed this worker's barrier `id` (and so every earlier one).
+    BarrierDone(u64),
+    /// A connection another worker handed over (its client id lives here).
+    Adopt(HandedStream),
+    PeerStats { from: NodeId, stats: WorkerStats },
+    /// A persistent session handed over by this slot's previous process.
+    SessionImported(Box<SessionImage>),
+}
+
+/// The queue of events from a backend to the worker's engine. Single-threaded: the
+/// backend's tasks and the engine share one worker thread.
+#[derive(Debug, Default)]
+pub struct ClusterInbox {
+    events: RefCell<VecDeque<ClusterEvent>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl ClusterInbox {
+    pub fn push(&self, event: ClusterEvent) {
+        let mut events = self.events.borrow_mut();
+        events.push_back(event);
+        if events.len() == 1 {
+            if let Some(waker) = self.waker.borrow().as_ref() {
+                waker.wake_by_ref();
+            }
+        }
+    }
+
+    /// Moves every queued event into `into` (which is cleared first), oldest first.
+    pub fn take(&self, into: &mut VecDeque<ClusterEvent>) {
+        into.clear();
+        std::mem::swap(&mut *self.events.borrow_mut(), into);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.borrow().is_empty()
+    }
+
+    /// Ready when events are queued; otherwise remembers the waker for the next push.
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.events.borrow().is_empty() {
+            return Poll::Ready(());
+        }
+        let mut waker = self.waker.borrow_mut();
+        match waker.as_ref() {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => *waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}

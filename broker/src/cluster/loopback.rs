@@ -1,0 +1,298 @@
+//! An in-memory cluster backend: the engines of one process, each with its own inbox,
+//! exchanging events directly. For tests of what crosses workers (route replication,
+//! barriers, shared groups, peer loss, session handover) without sockets, processes or
+//! sleeps: the test owns the engines and decides when each inbox is drained, so every
+//! interleaving it exercises is deterministic.
+//!
+//! Delivery is FIFO per destination, like the mesh's links. Nodes may live on different
+//! hosts ([`NodeId::host`]); a handoff to another host is refused as
+//! [`HandoffError::Elsewhere`], as a backend that does not pass sockets between hosts would.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use super::{
+    Backend, Barriers, Cluster, ClusterEvent, ClusterInbox, HandedStream, HandoffError,
+    Lifecycle, LocalFuture,
+};
+use crate::model::{Message, NodeId, Route, SessionImage, SharedTarget, WorkerStats};
+
+struct Member {
+    inbox: Rc<ClusterInbox>,
+    barriers: Barriers,
+    /// Stats reported to the `$SYS` publisher, counted for tests.
+    stats_reported: u64,
+    /// Sessions given to [`Lifecycle::hand_over_sessions`], for the test to move on.
+    handed_over: Vec<SessionImage>,
+}
+
+/// The shared medium: every live member, by node id.
+#[derive(Default)]
+pub struct LoopbackNet {
+    members: BTreeMap<NodeId, Member>,
+    /// Messages forwarded, counted for tests.
+    pub forwarded: u64,
+}
+
+impl LoopbackNet {
+    pub fn new() -> Rc<RefCell<LoopbackNet>> {
+        Rc::new(RefCell::new(LoopbackNet::default()))
+    }
+
+    /// Adds `node` and returns its backend. Every member already present and the new one
+    /// hear of each other ([`ClusterEvent::PeerJoined`]), as when mesh links come up.
+    pub fn join(net: &Rc<RefCell<LoopbackNet>>, node: NodeId) -> Backend {
+        let inbox = Rc::new(ClusterInbox::default());
+        let mut n = net.borrow_mut();
+        for (&other, member) in &n.members {
+            member.inbox.push(ClusterEvent::PeerJoined(node));
+            inbox.push(ClusterEvent::PeerJoined(other));
+        }
+        n.members.insert(
+            node,
+            Member {
+                inbox: inbox.clone(),
+                barriers: Barriers::default(),
+                stats_reported: 0,
+                handed_over: Vec::new(),
+            },
+        );
+        Backend {
+            cluster: Box::new(LoopbackCluster {
+                net: net.clone(),
+                me: node,
+            }),
+            inbox,
+            lifecycle: Box::new(LoopbackLifecycle {
+                net: net.clone(),
+                me: node,
+            }),
+        }
+    }
+
+    /// `node` is gone (its process died, or it was replaced): every other member hears
+    /// [`ClusterEvent::PeerLeft`], and barriers waiting for it complete. What was queued
+    /// for it is lost with it.
+    pub fn leave(&mut self, node: NodeId) {
+        self.members.remove(&node);
+        for member in self.members.values_mut() {
+            member.inbox.push(ClusterEvent::PeerLeft(node));
+            for id in member.barriers.forget(node) {
+                member.inbox.push(ClusterEvent::BarrierDone(id));
+            }
+        }
+    }
+
+    /// The inbox of `node`, for the test to drain into its engine.
+    pub fn inbox(&self, node: NodeId) -> Option<Rc<ClusterInbox>> {
+        self.members.get(&node).map(|m| m.inbox.clone())
+    }
+
+    /// Sessions `node` exported when it drained.
+    pub fn take_handed_over(&mut self, node: NodeId) -> Vec<SessionImage> {
+        self.members
+            .get_mut(&node)
+            .map(|m| std::mem::take(&mut m.handed_over))
+            .unwrap_or_default()
+    }
+
+    pub fn stats_reported(&self, node: NodeId) -> u64 {
+        self.members.get(&node).map_or(0, |m| m.stats_reported)
+    }
+
+    fn peers_of(&self, me: NodeId) -> impl Iterator<Item = (&NodeId, &Member)> {
+        self.members.iter().filter(move |(&n, _)| n != me)
+    }
+
+    fn send(&self, to: NodeId, event: ClusterEvent) -> bool {
+        match self.members.get(&to) {
+            Some(member) => {
+                member.inbox.push(event);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Slots on `host`, for the home of a client id.
+    fn slots_on(&self, host: u32) -> Vec<NodeId> {
+        self.members
+            .keys()
+            .copied()
+            .filter(|n| n.host == host)
+            .collect()
+    }
+}
+
+pub struct LoopbackCluster {
+    net: Rc<RefCell<LoopbackNet>>,
+    me: NodeId,
+}
+
+impl Cluster for LoopbackCluster {
+    fn local_node(&self) -> NodeId {
+        self.me
+    }
+
+    fn local_workers(&self) -> u16 {
+        self.net.borrow().slots_on(self.me.host).len() as u16
+    }
+
+    fn is_alone(&self) -> bool {
+        self.net.borrow().members.len() <= 1
+    }
+
+    /// Hosts own client ids by the same hash as slots do within a host: the host among
+    /// the members' hosts, then the slot among that host's members.
+    fn home_of(&self, client_id: &str) -> NodeId {
+        let net = self.net.borrow();
+        let mut hosts: Vec<u32> = net.members.keys().map(|n| n.host).collect();
+        hosts.dedup();
+        let host = hosts[super::home_worker(client_id, hosts.len() as u16) as usize];
+        let slots = net.slots_on(host);
+        slots[super::home_worker(client_id, slots.len() as u16) as usize]
+    }
+
+    fn sys_publisher(&self) -> NodeId {
+        *self.net.borrow().members.keys().next().unwrap_or(&self.me)
+    }
+
+    fn route_added(&mut self, route: &Route) {
+        let net = self.net.borrow();
+        for (_, m) in net.peers_of(self.me) {
+            m.inbox.push(ClusterEvent::RouteAdded {
+                from: self.me,
+                route: route.clone(),
+            });
+        }
+    }
+
+    fn route_removed(&mut self, route: &Route) {
+        let net = self.net.borrow();
+        for (_, m) in net.peers_of(self.me) {
+            m.inbox.push(ClusterEvent::RouteRemoved {
+                from: self.me,
+                route: route.clone(),
+            });
+        }
+    }
+
+    fn forward(&mut self, to: NodeId, msg: &Message, plain: bool, shared: &[SharedTarget]) {
+        let mut net = self.net.borrow_mut();
+        let mut msg = msg.clone();
+        // A session key means nothing on another worker (the mesh does not carry it).
+        msg.origin = None;
+        let event = ClusterEvent::Forwarded {
+            msg,
+            plain,
+            shared: shared.to_vec(),
+        };
+        if net.send(to, event) {
+            net.forwarded += 1;
+        }
+    }
+
+    fn retained(&mut self, msg: &Message) {
+        let net = self.net.borrow();
+        for (_, m) in net.peers_of(self.me) {
+            let mut msg = msg.clone();
+            msg.origin = None;
+            m.inbox.push(ClusterEvent::Retained(msg));
+        }
+    }
+
+    fn barrier(&mut self) -> Option<u64> {
+        let mut net = self.net.borrow_mut();
+        let peers: Vec<NodeId> = net.peers_of(self.me).map(|(&n, _)| n).collect();
+        let id = net.members.get_mut(&self.me)?.barriers.start(peers.clone())?;
+        for peer in peers {
+            net.send(
+                peer,
+                ClusterEvent::BarrierRequested { from: self.me, id },
+            );
+        }
+        Some(id)
+    }
+
+    fn barrier_reached(&mut self, from: NodeId, id: u64) {
+        let mut net = self.net.borrow_mut();
+        let Some(member) = net.members.get_mut(&from) else {
+            return;
+        };
+        if member.barriers.confirmed(id, self.me) {
+            member.inbox.push(ClusterEvent::BarrierDone(id));
+        }
+    }
+
+    fn sync_peer(&mut self, peer: NodeId, routes: &[Route], retained: &[Rc<Message>]) {
+        let net = self.net.borrow();
+        for route in routes {
+            let route = route.clone();
+            net.send(peer, ClusterEvent::RouteAdded { from: self.me, route });
+        }
+        for msg in retained {
+            let mut msg = (**msg).clone();
+            msg.origin = None;
+            net.send(peer, ClusterEvent::Retained(msg));
+        }
+    }
+
+    fn handoff(&mut self, to: NodeId, stream: HandedStream) -> Result<(), HandoffError> {
+        if to.host != self.me.host {
+            return Err(HandoffError::Elsewhere {
+                stream,
+                server_reference: Some(format!("host-{}", to.host)),
+            });
+        }
+        let net = self.net.borrow();
+        match net.members.get(&to) {
+            Some(member) => {
+                member.inbox.push(ClusterEvent::Adopt(stream));
+                Ok(())
+            }
+            None => Err(HandoffError::Unreachable(stream)),
+        }
+    }
+
+    fn report_stats(&mut self, stats: &WorkerStats) {
+        let publisher = self.sys_publisher();
+        let mut net = self.net.borrow_mut();
+        if publisher != self.me {
+            net.send(
+                publisher,
+                ClusterEvent::PeerStats {
+                    from: self.me,
+                    stats: *stats,
+                },
+            );
+        }
+        if let Some(member) = net.members.get_mut(&self.me) {
+            member.stats_reported += 1;
+        }
+    }
+}
+
+struct LoopbackLifecycle {
+    net: Rc<RefCell<LoopbackNet>>,
+    me: NodeId,
+}
+
+impl Lifecycle for LoopbackLifecycle {
+    fn ready(&self) -> LocalFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
+    /// Keeps the sessions for the test ([`LoopbackNet::take_handed_over`]), which plays
+    /// the successor.
+    fn hand_over_sessions<'a>(
+        &'a self,
+        export: Box<dyn FnOnce() -> Vec<SessionImage> + 'a>,
+    ) -> LocalFuture<'a, ()> {
+        let images = export();
+        if let Some(member) = self.net.borrow_mut().members.get_mut(&self.me) {
+            member.handed_over.extend(images);
+        }
+        Box::pin(std::future::ready(()))
+    }
+}

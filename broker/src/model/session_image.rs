@@ -1,0 +1,43 @@
+//! A persistent session as plain data, independent of any worker's slots: what moves from
+//! a draining worker to its successor (and, with a shared store, what is stored).
+
+use topic_trie::SubscriptionOptions;
+
+use super::message::{Delivery, Message};
+
+#[derive(Debug)]
+pub struct SessionImage {
+    pub client_id: String,
+    pub expiry_secs: u32,
+    /// Seconds left before an offline session expires (`None`: never).
+    pub expires_in: Option<u32>,
+    pub subscriptions: Vec<SubscriptionImage>,
+    /// Messages waiting for the client, in order.
+    pub queue: Vec<QueuedImage>,
+    /// Messages sent and not yet fully acknowledged, in order.
+    pub inflight: Vec<InflightImage>,
+    /// Packet ids of QoS 2 messages received (PUBREC sent) and not yet released.
+    pub incoming_qos2: Vec<u16>,
+}
+
+/// One subscription, as the client sent its filter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriptionImage {
+    pub filter: String,
+    pub options: SubscriptionOptions,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueuedImage {
+    pub msg: Message,
+    pub delivery: Delivery,
+}
+
+#[derive(Debug, Clone)]
+pub struct InflightImage {
+    pub pkid: u16,
+    /// PUBREC received and PUBREL sent: waiting for PUBCOMP rather than PUBACK/PUBREC.
+    pub awaiting_comp: bool,
+    pub msg: Message,
+    pub delivery: Delivery,
+}
