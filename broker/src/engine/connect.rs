@@ -3,6 +3,8 @@
 
 use std::time::Instant;
 
+use bytes::Bytes;
+
 use super::conn::{Admission, Conn, ConnState};
 use crate::model::Message;
 use super::session::{Session, Will};
@@ -69,6 +71,16 @@ pub(super) fn empty_connack_props() -> ConnAckProperties {
     }
 }
 
+/// What negotiation settled: the session to attach to and what the CONNACK grants.
+struct Negotiated {
+    client_id: String,
+    clean_start: bool,
+    /// Seconds, capped at the server's maximum.
+    session_expiry: u32,
+    /// None for 3.1.1, whose CONNACK has no properties.
+    connack: Option<ConnAckProperties>,
+}
+
 impl Engine {
     pub(super) fn handle_connect(
         &mut self,
@@ -80,6 +92,27 @@ impl Engine {
     ) {
         let connect_bytes = self.connect_bytes.take();
         let v5 = self.conns[key].version.is_v5();
+        if !self.admit_connect(key, &connect, will.as_ref(), v5, connect_bytes) {
+            return;
+        }
+        let negotiated = match self.negotiate_connect(key, connect, v5) {
+            Ok(negotiated) => negotiated,
+            Err((code, why)) => return self.refuse(key, code, why),
+        };
+        self.accept_connect(key, negotiated, will, now);
+    }
+
+    /// Whether this worker goes on with a CONNECT: false if it refused it (connect rate,
+    /// connection or memory limit, what it carries) or handed the connection to the worker
+    /// its client id lives on. The order decides which refusal a client gets.
+    fn admit_connect(
+        &mut self,
+        key: ConnKey,
+        connect: &Connect,
+        will: Option<&LastWill>,
+        v5: bool,
+        connect_bytes: Option<Bytes>,
+    ) -> bool {
         if self.conns[key].admission == Admission::RateLimited {
             // Decided where the connection arrived, before it moves to its home worker.
             self.stats.connections_refused_rate += 1;
@@ -92,17 +125,11 @@ impl Engine {
             } else {
                 ConnectReturnCode::ServiceUnavailable
             };
-            return self.refuse(key, code, "connection rate exceeded");
+            self.refuse(key, code, "connection rate exceeded");
+            return false;
         }
-        if !self.cluster.is_alone() && !connect.client_id.is_empty() {
-            let home = self.cluster.home_of(&connect.client_id);
-            if let (true, Some(bytes)) = (home != self.me, connect_bytes) {
-                // The client id lives on another worker: the whole connection moves there,
-                // so takeover and session resumption stay local to one engine.
-                self.conns[key].state = ConnState::HandingOff;
-                self.queue_handoff(key, home, bytes);
-                return;
-            }
+        if self.hand_off_if_elsewhere(key, connect, connect_bytes) {
+            return false;
         }
         let refusal = match self.conns[key].admission {
             Admission::OverLimit => {
@@ -122,22 +149,56 @@ impl Engine {
             } else {
                 ConnectReturnCode::ServiceUnavailable
             };
-            return self.refuse(key, code, why);
+            self.refuse(key, code, why);
+            return false;
         }
-        if let Err((code, why)) = self.check_connect(&connect, will.as_ref(), v5) {
-            return self.refuse(key, code, why);
+        if let Err((code, why)) = self.check_connect(connect, will, v5) {
+            self.refuse(key, code, why);
+            return false;
         }
+        true
+    }
 
+    /// Hands the connection, with the bytes of its CONNECT, to the worker its client id
+    /// lives on if that is another one (the connection is then `HandingOff`, and its driver
+    /// passes the socket on). True if it does.
+    fn hand_off_if_elsewhere(
+        &mut self,
+        key: ConnKey,
+        connect: &Connect,
+        connect_bytes: Option<Bytes>,
+    ) -> bool {
+        if self.cluster.is_alone() || connect.client_id.is_empty() {
+            return false;
+        }
+        let home = self.cluster.home_of(&connect.client_id);
+        let (true, Some(bytes)) = (home != self.me, connect_bytes) else {
+            return false;
+        };
+        // The client id lives on another worker: the whole connection moves there, so
+        // takeover and session resumption stay local to one engine.
+        self.conns[key].state = ConnState::HandingOff;
+        self.queue_handoff(key, home, bytes);
+        true
+    }
+
+    /// Settles the client id (assigned if empty), session expiry and keep-alive against the
+    /// server's limits, and keeps the client's own limits in the connection.
+    fn negotiate_connect(
+        &mut self,
+        key: ConnKey,
+        connect: Connect,
+        v5: bool,
+    ) -> Result<Negotiated, (ConnectReturnCode, &'static str)> {
         let mut props = empty_connack_props();
         let mut client_id = connect.client_id;
         if client_id.is_empty() {
             if !v5 && !connect.clean_start {
                 // MQTT-3.1.3-8: a zero-byte id needs CleanSession=1.
-                return self.refuse(
-                    key,
+                return Err((
                     ConnectReturnCode::BadClientId,
                     "empty client id without clean session",
-                );
+                ));
             }
             client_id = self.assign_client_id();
             if v5 {
@@ -159,48 +220,70 @@ impl Engine {
         }
 
         let keep_alive = self.negotiate_keep_alive(connect.keep_alive, v5, &mut props);
-        {
-            let conn = &mut self.conns[key];
-            conn.keep_alive = keep_alive;
-            if let Some(p) = &connect.properties {
-                conn.client_receive_max = p.receive_maximum.unwrap_or(u16::MAX);
-                conn.client_max_packet = p.max_packet_size.unwrap_or(u32::MAX);
-                conn.client_alias_max = p.topic_alias_max.unwrap_or(0);
-            }
+        let conn = &mut self.conns[key];
+        conn.keep_alive = keep_alive;
+        if let Some(p) = &connect.properties {
+            conn.client_receive_max = p.receive_maximum.unwrap_or(u16::MAX);
+            conn.client_max_packet = p.max_packet_size.unwrap_or(u32::MAX);
+            conn.client_alias_max = p.topic_alias_max.unwrap_or(0);
         }
-
-        let session_present = self.attach_session(key, client_id, connect.clean_start, expiry, now);
-        let skey = self.conns[key].session.unwrap_or_default();
-        self.sessions[skey].will = will.map(|w| Box::new(will_from(w, skey, now)));
 
         if v5 {
-            let cfg = &self.config;
-            props.receive_max = Some(cfg.limits.receive_maximum);
-            props.max_packet_size = Some(cfg.limits.max_packet_size);
-            props.topic_alias_max = Some(cfg.limits.max_topic_alias);
-            if cfg.mqtt.maximum_qos < 2 {
-                props.max_qos = Some(cfg.mqtt.maximum_qos);
-            }
-            if !cfg.mqtt.retain_available {
-                props.retain_available = Some(0);
-            }
-            if !cfg.mqtt.wildcard_subscriptions {
-                props.wildcard_subscription_available = Some(0);
-            }
-            if !cfg.mqtt.subscription_identifiers {
-                props.subscription_identifiers_available = Some(0);
-            }
-            if !cfg.mqtt.shared_subscriptions {
-                props.shared_subscription_available = Some(0);
-            }
+            self.announce_server_limits(&mut props);
         }
+        Ok(Negotiated {
+            client_id,
+            clean_start: connect.clean_start,
+            session_expiry: expiry,
+            connack: v5.then_some(props),
+        })
+    }
+
+    /// The v5 CONNACK tells the client the server's limits and which optional features it
+    /// lacks, so a well-behaved client never runs into them.
+    fn announce_server_limits(&self, props: &mut ConnAckProperties) {
+        let cfg = &self.config;
+        props.receive_max = Some(cfg.limits.receive_maximum);
+        props.max_packet_size = Some(cfg.limits.max_packet_size);
+        props.topic_alias_max = Some(cfg.limits.max_topic_alias);
+        if cfg.mqtt.maximum_qos < 2 {
+            props.max_qos = Some(cfg.mqtt.maximum_qos);
+        }
+        if !cfg.mqtt.retain_available {
+            props.retain_available = Some(0);
+        }
+        if !cfg.mqtt.wildcard_subscriptions {
+            props.wildcard_subscription_available = Some(0);
+        }
+        if !cfg.mqtt.subscription_identifiers {
+            props.subscription_identifiers_available = Some(0);
+        }
+        if !cfg.mqtt.shared_subscriptions {
+            props.shared_subscription_available = Some(0);
+        }
+    }
+
+    /// Attaches the connection to its session (created, resumed or taken over), keeps the
+    /// will, sends the CONNACK and resumes delivery of what the session holds.
+    fn accept_connect(
+        &mut self,
+        key: ConnKey,
+        negotiated: Negotiated,
+        will: Option<LastWill>,
+        now: Instant,
+    ) {
+        let Negotiated {
+            client_id,
+            clean_start,
+            session_expiry,
+            connack: props,
+        } = negotiated;
+        let session_present = self.attach_session(key, client_id, clean_start, session_expiry, now);
+        let skey = self.conns[key].session.unwrap_or_default();
+        self.sessions[skey].will = will.map(|w| Box::new(will_from(w, skey, now)));
         let conn = &mut self.conns[key];
         conn.state = ConnState::Active;
-        conn.send(&connack(
-            session_present,
-            ConnectReturnCode::Success,
-            v5.then_some(props),
-        ));
+        conn.send(&connack(session_present, ConnectReturnCode::Success, props));
         tracing::debug!(conn = key, client_id = %self.sessions[skey].client_id, session_present, "connected");
         self.resume_delivery(skey, now);
     }

@@ -14,65 +14,87 @@ use super::{ConnKey, Engine};
 use crate::config::{Limits, RateLimitAction};
 use crate::protocol::{
     Disconnect, DisconnectReasonCode, Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, Publish, PublishProperties,
+    PubRecReason, Publish, PublishProperties, QoS,
 };
 use crate::router::RouteKind;
+
+/// A client's PUBLISH that passed the checks against the config and the protocol: its
+/// topic is resolved (from the topic alias, if it used one) and valid, and the alias is
+/// gone from its properties.
+struct ValidPublish {
+    topic: Bytes,
+    payload: Bytes,
+    properties: Option<PublishProperties>,
+    qos: QoS,
+    retain: bool,
+    pkid: u16,
+}
 
 impl Engine {
     pub(super) fn handle_publish(&mut self, key: ConnKey, p: Publish, now: Instant) {
         if !self.within_publish_rate(key, p.payload.len(), now) {
             return;
         }
+        let publish = match self.validate_publish(key, p) {
+            Ok(publish) => publish,
+            Err((reason, why)) => return self.protocol_error(key, reason, why, now),
+        };
+        let Some(skey) = self.conns[key].session else {
+            return;
+        };
+        if publish.qos == QoS::ExactlyOnce
+            && !self.record_incoming_qos2(key, skey, publish.pkid, now)
+        {
+            return;
+        }
+        self.accept_publish(key, skey, publish, now);
+    }
+
+    /// Checks a client's PUBLISH against the config and the protocol; the error is the
+    /// reason to close the connection with. The order of the checks decides which reason a
+    /// client gets when several fail. Resolving the topic alias reads the connection's alias
+    /// table, and a PUBLISH that sets an alias adds to it.
+    fn validate_publish(
+        &mut self,
+        key: ConnKey,
+        p: Publish,
+    ) -> Result<ValidPublish, (DisconnectReasonCode, &'static str)> {
         let mqtt = &self.config.mqtt;
-        let qos = p.qos as u8;
-        if qos > mqtt.maximum_qos {
-            return self.protocol_error(
-                key,
-                DisconnectReasonCode::QoSNotSupported,
-                "QoS not supported",
-                now,
-            );
+        if p.qos as u8 > mqtt.maximum_qos {
+            return Err((DisconnectReasonCode::QoSNotSupported, "QoS not supported"));
         }
         if p.retain && !mqtt.retain_available {
-            return self.protocol_error(
-                key,
+            return Err((
                 DisconnectReasonCode::RetainNotSupported,
                 "retain not supported",
-                now,
-            );
+            ));
         }
         let mut topic = p.topic;
         let mut properties = p.properties;
         if let Some(props) = properties.as_mut() {
             if !props.subscription_identifiers.is_empty() {
                 // MQTT-3.3.4-6: only the server sends subscription identifiers.
-                return self.protocol_error(
-                    key,
+                return Err((
                     DisconnectReasonCode::ProtocolError,
                     "subscription identifier in PUBLISH",
-                    now,
-                );
+                ));
             }
             if let Some(alias) = props.topic_alias.take() {
                 if alias == 0 || alias > self.config.limits.max_topic_alias {
-                    return self.protocol_error(
-                        key,
+                    return Err((
                         DisconnectReasonCode::TopicAliasInvalid,
                         "topic alias out of range",
-                        now,
-                    );
+                    ));
                 }
                 let conn = &mut self.conns[key];
                 if topic.is_empty() {
                     match conn.aliases().inbound.get(&alias) {
                         Some(t) => topic = t.clone(),
                         None => {
-                            return self.protocol_error(
-                                key,
+                            return Err((
                                 DisconnectReasonCode::ProtocolError,
                                 "unknown topic alias",
-                                now,
-                            )
+                            ))
                         }
                     }
                 } else if valid_topic(&topic) {
@@ -84,91 +106,108 @@ impl Engine {
             }
         }
         if !valid_topic(&topic) {
-            return self.protocol_error(
-                key,
-                DisconnectReasonCode::TopicNameInvalid,
-                "invalid topic name",
-                now,
-            );
+            return Err((DisconnectReasonCode::TopicNameInvalid, "invalid topic name"));
         }
         if let Some(props) = &properties {
             if props.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err()
             {
-                return self.protocol_error(
-                    key,
+                return Err((
                     DisconnectReasonCode::PayloadFormatInvalid,
                     "payload is not UTF-8",
-                    now,
-                );
+                ));
             }
         }
-        let Some(skey) = self.conns[key].session else {
-            return;
-        };
-        if qos == 2 {
-            let session = &mut self.sessions[skey];
-            if session.incoming_qos2.contains(&p.pkid) {
-                // A resend of a message already accepted: acknowledge again, deliver once.
-                return self.conns[key].send(&pubrec(p.pkid));
-            }
-            // v5 announces Receive Maximum in CONNACK; 3.1.1 has no such limit, so there the
-            // packet id space (65535) is the bound.
-            let limit = if self.conns[key].version.is_v5() {
-                self.config.limits.receive_maximum as usize
-            } else {
-                u16::MAX as usize
-            };
-            if session.incoming_qos2.len() >= limit {
-                return self.protocol_error(
-                    key,
-                    DisconnectReasonCode::ReceiveMaximumExceeded,
-                    "receive maximum exceeded",
-                    now,
-                );
-            }
-            session.incoming_qos2.push(p.pkid);
-        }
+        Ok(ValidPublish {
+            topic,
+            payload: p.payload,
+            properties,
+            qos: p.qos,
+            retain: p.retain,
+            pkid: p.pkid,
+        })
+    }
 
+    /// Records the packet id of an inbound QoS 2 PUBLISH until its PUBREL. False if the
+    /// message goes no further: a resend of one already accepted (PUBREC sent again, so it
+    /// is delivered once) or one over the receive maximum (the connection is closed).
+    fn record_incoming_qos2(&mut self, key: ConnKey, skey: usize, pkid: u16, now: Instant) -> bool {
+        let session = &mut self.sessions[skey];
+        if session.incoming_qos2.contains(&pkid) {
+            // A resend of a message already accepted: acknowledge again, deliver once.
+            self.conns[key].send(&pubrec(pkid));
+            return false;
+        }
+        // v5 announces Receive Maximum in CONNACK; 3.1.1 has no such limit, so there the
+        // packet id space (65535) is the bound.
+        let limit = if self.conns[key].version.is_v5() {
+            self.config.limits.receive_maximum as usize
+        } else {
+            u16::MAX as usize
+        };
+        if session.incoming_qos2.len() >= limit {
+            self.protocol_error(
+                key,
+                DisconnectReasonCode::ReceiveMaximumExceeded,
+                "receive maximum exceeded",
+                now,
+            );
+            return false;
+        }
+        session.incoming_qos2.push(pkid);
+        true
+    }
+
+    /// Turns an accepted PUBLISH into a message from session `skey`, stores it if retained,
+    /// routes it and acknowledges it.
+    fn accept_publish(&mut self, key: ConnKey, skey: usize, publish: ValidPublish, now: Instant) {
+        let ValidPublish {
+            topic,
+            payload,
+            mut properties,
+            qos,
+            retain,
+            pkid,
+        } = publish;
         let expires_at = properties
             .as_ref()
             .and_then(|pr| pr.message_expiry_interval)
             .map(|s| now + Duration::from_secs(s as u64));
-        let (topic, payload) = if qos > 0 || p.retain {
+        let (topic, payload) = if qos != QoS::AtMostOnce || retain {
             if let Some(data) = properties
                 .as_mut()
                 .and_then(|pr| pr.correlation_data.as_mut())
             {
                 *data = Bytes::copy_from_slice(data);
             }
-            detach(&topic, &p.payload)
+            detach(&topic, &payload)
         } else {
-            (topic, p.payload)
+            (topic, payload)
         };
         let msg = Rc::new(Message {
             topic,
             payload,
-            qos: p.qos,
-            retain: p.retain,
+            qos,
+            retain,
             properties: properties.filter(|pr| !is_empty_props(pr)).map(Box::new),
             expires_at,
             origin: Some(skey),
         });
-        self.stats.messages_received[usize::from(qos)] += 1;
+        self.stats.messages_received[qos as usize] += 1;
         if msg.retain {
             self.store_retained(&msg);
         }
         self.route(&msg, now);
         match qos {
-            1 => {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
                 let ack = Packet::PubAck(PubAck {
-                    pkid: p.pkid,
+                    pkid,
                     reason: PubAckReason::Success,
                     properties: None,
                 });
                 self.acknowledge(key, ack, msg.retain);
             }
-            2 => self.acknowledge(key, pubrec(p.pkid), msg.retain),
-            _ => {}
+            QoS::ExactlyOnce => self.acknowledge(key, pubrec(pkid), msg.retain),
         }
     }
 
