@@ -6,9 +6,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use super::{ConnKey, Engine};
-use crate::cluster::Standalone;
+use super::{ConnKey, DriverId, Engine};
+use crate::cluster::{Standalone, StreamKind};
+use crate::cluster::loopback::LoopbackNet;
 use crate::config::Config;
+use crate::model::NodeId;
 use crate::protocol::{
     ConnectProperties, DisconnectReasonCode, Filter, LastWill, LastWillProperties, Packet, PubAck,
     PubAckReason, Publish, QoS, Subscribe,
@@ -17,6 +19,8 @@ use rumqttc::v5::mqttbytes::v5 as wire;
 
 pub(super) struct Harness {
     pub(super) engine: Engine,
+    /// The driver the test plays (connections are accepted on it).
+    pub(super) driver: DriverId,
     pub(super) now: Instant,
     /// Keep-alive asked for by the next `connect` (0: none, so time jumps cut no one off).
     keep_alive: u16,
@@ -24,8 +28,15 @@ pub(super) struct Harness {
 
 impl Harness {
     pub(super) fn new() -> Harness {
+        Harness::with_config(Config::default())
+    }
+
+    pub(super) fn with_config(config: Config) -> Harness {
+        let mut engine = Engine::new(Rc::new(config), Box::new(Standalone));
+        let driver = engine.add_driver(&[StreamKind::Mqtt]);
         Harness {
-            engine: Engine::new(Rc::new(Config::default()), Box::new(Standalone), 0, 1),
+            engine,
+            driver,
             now: Instant::now(),
             keep_alive: 0,
         }
@@ -59,7 +70,7 @@ impl Harness {
         expiry: u32,
         will: Option<LastWill>,
     ) -> ConnKey {
-        let key = self.engine.accept(self.now, None);
+        let key = self.engine.accept(self.driver, self.now, None);
         let mut props = ConnectProperties::new();
         props.session_expiry_interval = Some(expiry);
         let connect = wire::Connect {
@@ -207,7 +218,7 @@ fn unacknowledged_qos1_is_resent_with_dup_on_resume() {
     let first = publishes(&first)[0].clone();
     assert!(!first.dup);
     h.engine.connection_lost(sub, h.now);
-    let key = h.engine.accept(h.now, None);
+    let key = h.engine.accept(h.driver, h.now, None);
     let connect = wire::Connect {
         keep_alive: 10,
         client_id: "s".into(),
@@ -252,8 +263,7 @@ fn second_connection_takes_the_session_over() {
 fn offline_queue_is_bounded() {
     let mut config = Config::default();
     config.limits.max_queued_messages = 2;
-    let mut h = Harness::new();
-    h.engine = Engine::new(Rc::new(config), Box::new(Standalone), 0, 1);
+    let mut h = Harness::with_config(config);
     let sub = h.connect("s", false, 60, None);
     h.subscribe(sub, "q", QoS::AtLeastOnce);
     h.engine.connection_lost(sub, h.now);
@@ -273,45 +283,52 @@ fn per_connection_structs_stay_small() {
     assert!(std::mem::size_of::<super::Session>() <= 240, "Session grew");
 }
 
-/// Each driver sees only its own connections: QUIC connections served directly go on the
-/// QUIC dirty list, and their handoffs are not in the TCP reactor's list.
+/// Each driver sees only its own connections: a second driver's connections go on its own
+/// dirty list, and their handoffs are not in the first driver's list.
 #[test]
-fn quic_connections_have_their_own_dirty_list_and_handoffs() {
+fn each_driver_has_its_own_dirty_list_and_handoffs() {
     let mut h = Harness::new();
-    let tcp = h.connect("dirty-tcp", true, 0, None);
-    let quic = h
+    let other = h.engine.add_driver(&[]);
+    let first = h.connect("dirty-first", true, 0, None);
+    let second = h
         .engine
-        .accept_quic(h.now, std::net::IpAddr::from([127, 0, 0, 1]));
+        .accept(other, h.now, Some(std::net::IpAddr::from([127, 0, 0, 1])));
     let connect = wire::Connect {
         keep_alive: 0,
-        client_id: "dirty-quic".into(),
+        client_id: "dirty-second".into(),
         clean_start: true,
         properties: None,
     };
-    h.send(quic, Packet::Connect(connect, None, None));
+    h.send(second, Packet::Connect(connect, None, None));
     let mut keys = Vec::new();
-    h.engine.take_dirty_quic(&mut keys);
-    assert_eq!(keys, [quic], "the CONNACK");
-    h.engine.take_dirty(&mut keys);
-    assert!(!keys.contains(&quic));
-    h.received(quic);
-    h.subscribe(quic, "d/#", QoS::AtMostOnce);
-    h.received(quic);
-    h.engine.take_dirty_quic(&mut keys);
-    h.engine.take_dirty(&mut keys);
-    h.publish(tcp, "d/1", QoS::AtMostOnce, 0);
-    h.engine.take_dirty_quic(&mut keys);
-    assert_eq!(keys, [quic], "the delivery");
-    h.engine.take_dirty(&mut keys);
-    assert!(!keys.contains(&quic));
+    h.engine.take_dirty(other, &mut keys);
+    assert_eq!(keys, [second], "the CONNACK");
+    h.engine.take_dirty(h.driver, &mut keys);
+    assert!(!keys.contains(&second));
+    h.received(second);
+    h.subscribe(second, "d/#", QoS::AtMostOnce);
+    h.received(second);
+    h.engine.take_dirty(other, &mut keys);
+    h.engine.take_dirty(h.driver, &mut keys);
+    h.publish(first, "d/1", QoS::AtMostOnce, 0);
+    h.engine.take_dirty(other, &mut keys);
+    assert_eq!(keys, [second], "the delivery");
+    h.engine.take_dirty(h.driver, &mut keys);
+    assert!(!keys.contains(&second));
+    assert_eq!(h.engine.driver_connections(other), 1);
 
-    // Worker 0 of 2: a client id living on worker 1 leaves, on the QUIC driver's list.
-    let mut engine = Engine::new(Rc::new(Config::default()), Box::new(Standalone), 0, 2);
+    // Worker 0 of 2: a client id living on worker 1 leaves, from the second driver's list.
+    let net = LoopbackNet::new();
+    let backend = LoopbackNet::join(&net, NodeId::local(0));
+    let _peer = LoopbackNet::join(&net, NodeId::local(1));
+    let mut engine = Engine::new(Rc::new(Config::default()), backend.cluster);
+    let tcp = engine.add_driver(&[StreamKind::Mqtt]);
+    let quic = engine.add_driver(&[]);
     let id = (0..)
         .map(|i| format!("away-{i}"))
         .find(|id| crate::cluster::home_worker(id, 2) == 1)
         .unwrap();
-    let key = engine.accept_quic(h.now, std::net::IpAddr::from([127, 0, 0, 1]));
+    let key = engine.accept(quic, h.now, Some(std::net::IpAddr::from([127, 0, 0, 1])));
     let connect = wire::Connect {
         keep_alive: 0,
         client_id: id,
@@ -324,8 +341,9 @@ fn quic_connections_have_their_own_dirty_list_and_handoffs() {
         .unwrap();
     let sent = Bytes::copy_from_slice(&bytes);
     engine.handle_read(key, &mut bytes, h.now);
-    assert!(engine.take_handoffs().is_empty());
-    assert_eq!(engine.take_quic_handoff(key), Some((1, sent)));
-    assert_eq!(engine.tcp_connection_count(), 0);
+    assert!(engine.take_handoffs(tcp).is_empty());
+    let handoff = engine.take_handoff(key).expect("a handoff");
+    assert_eq!((handoff.key, handoff.to, handoff.bytes), (key, NodeId::local(1), sent));
+    assert_eq!(engine.driver_connections(tcp), 0);
     assert_eq!(engine.connection_count(), 1);
 }

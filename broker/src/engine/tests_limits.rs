@@ -3,7 +3,6 @@
 
 use std::mem::size_of;
 use std::net::IpAddr;
-use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -11,8 +10,7 @@ use bytes::{Bytes, BytesMut};
 use super::accounting::{message_bytes, Footprint};
 use super::session::{Inflight, Queued, Session};
 use super::tests::{publishes, Harness};
-use super::{Conn, ConnKey, Engine};
-use crate::cluster::Standalone;
+use super::{Conn, ConnKey};
 use crate::config::{Config, RateLimitAction};
 use crate::protocol::{DisconnectReasonCode, Packet, PubAck, PubAckReason, Publish, QoS};
 use rumqttc::v5::mqttbytes::v5 as wire;
@@ -21,11 +19,8 @@ use topic_trie::SubscriptionOptions;
 const SLAB_SLOT: usize = size_of::<usize>();
 
 fn harness(config: Config) -> Harness {
-    let mut h = Harness::new();
-    h.engine = Engine::new(Rc::new(config), Box::new(Standalone), 0, 1);
-    // The engine's rate-limit clock starts at its creation.
-    h.now = std::time::Instant::now();
-    h
+    // The engine's rate-limit clock starts at its creation, as does the harness's.
+    Harness::with_config(config)
 }
 
 fn publish_payload(h: &mut Harness, key: ConnKey, topic: &str, qos: QoS, pkid: u16, len: usize) {
@@ -227,7 +222,7 @@ fn slow_qos1_consumer_is_disconnected_and_its_messages_wait_in_the_session() {
     assert_eq!(h.received(publisher).len(), usize::from(sent));
     h.engine.connection_lost(sub, h.now);
     publish_payload(&mut h, publisher, "t", QoS::AtLeastOnce, sent + 1, 200);
-    let back = h.engine.accept(h.now, None);
+    let back = h.engine.accept(h.driver, h.now, None);
     let mut props = wire::ConnectProperties::new();
     props.session_expiry_interval = Some(60);
     let connect = wire::Connect {
@@ -276,7 +271,7 @@ fn connection_limit_refuses_with_quota_exceeded_and_frees_on_close() {
     let mut h = harness(config);
     let a = h.connect("a", true, 0, None);
     let _b = h.connect("b", true, 0, None);
-    let c = h.engine.accept(h.now, None);
+    let c = h.engine.accept(h.driver, h.now, None);
     assert_eq!(
         connack_code(&connect_raw(&mut h, c, "c")),
         wire::ConnectReturnCode::QuotaExceeded
@@ -295,7 +290,7 @@ fn memory_high_watermark_refuses_new_connections() {
     config.limits.memory_high_watermark_bytes = 1_000_000;
     let mut h = harness(config);
     h.engine.set_resident_memory(2_000_000);
-    let c = h.engine.accept(h.now, None);
+    let c = h.engine.accept(h.driver, h.now, None);
     assert_eq!(
         connack_code(&connect_raw(&mut h, c, "c")),
         wire::ConnectReturnCode::QuotaExceeded
@@ -314,26 +309,26 @@ fn connect_rate_is_per_source_address() {
     let ip: IpAddr = "10.0.0.1".parse().unwrap();
     let other: IpAddr = "10.0.0.2".parse().unwrap();
     for id in ["a", "b"] {
-        let k = h.engine.accept(h.now, Some(ip));
+        let k = h.engine.accept(h.driver, h.now, Some(ip));
         assert_eq!(
             connack_code(&connect_raw(&mut h, k, id)),
             wire::ConnectReturnCode::Success
         );
     }
-    let k = h.engine.accept(h.now, Some(ip));
+    let k = h.engine.accept(h.driver, h.now, Some(ip));
     assert_eq!(
         connack_code(&connect_raw(&mut h, k, "c")),
         wire::ConnectReturnCode::ConnectionRateExceeded
     );
     assert_eq!(h.engine.stats.connections_refused_rate, 1);
-    let k = h.engine.accept(h.now, Some(other));
+    let k = h.engine.accept(h.driver, h.now, Some(other));
     assert_eq!(
         connack_code(&connect_raw(&mut h, k, "d")),
         wire::ConnectReturnCode::Success
     );
     // A second later the address has a token again.
     h.now += Duration::from_secs(1);
-    let k = h.engine.accept(h.now, Some(ip));
+    let k = h.engine.accept(h.driver, h.now, Some(ip));
     assert_eq!(
         connack_code(&connect_raw(&mut h, k, "e")),
         wire::ConnectReturnCode::Success
