@@ -19,8 +19,14 @@ pub enum ClusterEvent {
     PeerJoined(NodeId),
     /// A peer is gone, or a new process replaced it: forget everything it announced.
     PeerLeft(NodeId),
-    RouteAdded { from: NodeId, route: Route },
-    RouteRemoved { from: NodeId, route: Route },
+    RouteAdded {
+        from: NodeId,
+        route: Route,
+    },
+    RouteRemoved {
+        from: NodeId,
+        route: Route,
+    },
     /// A message published on another worker, for this worker's plain subscribers (if
     /// `plain`) and for one local member of each listed shared group.
     Forwarded {
@@ -32,12 +38,18 @@ pub enum ClusterEvent {
     Retained(Message),
     /// A peer asks to be told once everything it sent before this point has been applied
     /// (answered with [`super::Cluster::barrier_reached`]).
-    BarrierRequested { from: NodeId, id: u64 },
+    BarrierRequested {
+        from: NodeId,
+        id: u64,
+    },
     /// Every peer confirmed this worker's barrier `id` (and so every earlier one).
     BarrierDone(u64),
     /// A connection another worker handed over (its client id lives here).
     Adopt(HandedStream),
-    PeerStats { from: NodeId, stats: WorkerStats },
+    PeerStats {
+        from: NodeId,
+        stats: WorkerStats,
+    },
     /// A persistent session handed over by this slot's previous process.
     SessionImported(Box<SessionImage>),
 }

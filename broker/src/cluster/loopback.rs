@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use super::{
-    Backend, Barriers, Cluster, ClusterEvent, ClusterInbox, HandedStream, HandoffError,
-    Lifecycle, LocalFuture,
+    Backend, Barriers, Cluster, ClusterEvent, ClusterInbox, HandedStream, HandoffError, Lifecycle,
+    LocalFuture,
 };
 use crate::model::{Message, NodeId, Route, SessionImage, SharedTarget, WorkerStats};
 
@@ -205,12 +205,13 @@ impl Cluster for LoopbackCluster {
     fn barrier(&mut self) -> Option<u64> {
         let mut net = self.net.borrow_mut();
         let peers: Vec<NodeId> = net.peers_of(self.me).map(|(&n, _)| n).collect();
-        let id = net.members.get_mut(&self.me)?.barriers.start(peers.clone())?;
+        let id = net
+            .members
+            .get_mut(&self.me)?
+            .barriers
+            .start(peers.clone())?;
         for peer in peers {
-            net.send(
-                peer,
-                ClusterEvent::BarrierRequested { from: self.me, id },
-            );
+            net.send(peer, ClusterEvent::BarrierRequested { from: self.me, id });
         }
         Some(id)
     }
@@ -229,7 +230,13 @@ impl Cluster for LoopbackCluster {
         let net = self.net.borrow();
         for route in routes {
             let route = route.clone();
-            net.send(peer, ClusterEvent::RouteAdded { from: self.me, route });
+            net.send(
+                peer,
+                ClusterEvent::RouteAdded {
+                    from: self.me,
+                    route,
+                },
+            );
         }
         for msg in retained {
             let mut msg = (**msg).clone();

@@ -27,8 +27,8 @@ use super::census::Census;
 use super::fdpass;
 use super::wire::{self, Frame};
 use super::{
-    Backend, Barriers, Cluster, ClusterEvent, ClusterInbox, HandedStream, HandoffError,
-    Lifecycle, LocalFuture, WorkerIdentity,
+    Backend, Barriers, Cluster, ClusterEvent, ClusterInbox, HandedStream, HandoffError, Lifecycle,
+    LocalFuture, WorkerIdentity,
 };
 use crate::model::{Message, NodeId, Route, SessionImage, SharedTarget, WorkerStats};
 

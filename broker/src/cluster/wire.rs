@@ -42,7 +42,10 @@ pub enum Frame {
     BarrierAck(u64),
     /// A client connection: what its stream carries and the bytes already read from it.
     /// Its socket descriptor travels with this frame.
-    Handoff { kind: StreamKind, bytes: Bytes },
+    Handoff {
+        kind: StreamKind,
+        bytes: Bytes,
+    },
     Stats(WorkerStats),
     /// A persistent session moving from a draining worker to its successor.
     Session(Box<SessionImage>),
@@ -127,7 +130,10 @@ pub fn encode(out: &mut BytesMut, f: &Frame, now: Instant) {
         Frame::RetainedEnd => frame(out, kind::RETAINED_END, |_| {}),
         Frame::Barrier(id) => frame(out, kind::BARRIER, |o| o.put_u64_le(*id)),
         Frame::BarrierAck(id) => frame(out, kind::BARRIER_ACK, |o| o.put_u64_le(*id)),
-        Frame::Handoff { kind: handed, bytes } => frame(out, kind::HANDOFF, |o| {
+        Frame::Handoff {
+            kind: handed,
+            bytes,
+        } => frame(out, kind::HANDOFF, |o| {
             o.put_u8(*handed as u8);
             o.put_slice(bytes);
         }),

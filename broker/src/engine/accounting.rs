@@ -16,10 +16,10 @@
 use std::mem::{size_of, size_of_val};
 
 use super::conn::{Conn, TopicAliases};
-use crate::model::{Delivery, Message};
 use super::session::{Inflight, Queued, Session};
 use super::{ConnKey, Engine};
 use crate::histogram::Histogram;
+use crate::model::{Delivery, Message};
 use crate::protocol::{DisconnectReasonCode, PublishProperties};
 use topic_trie::SubscriptionOptions;
 

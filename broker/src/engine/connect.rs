@@ -6,9 +6,9 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::conn::{Admission, Conn, ConnState};
-use crate::model::Message;
 use super::session::{Session, Will};
 use super::{ConnKey, Engine};
+use crate::model::Message;
 use crate::protocol::{
     ConnAck, ConnAckProperties, Connect, ConnectReturnCode, DecodeError, DisconnectReasonCode,
     LastWill, Login, Packet, Version,

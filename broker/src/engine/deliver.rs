@@ -9,11 +9,11 @@ use bytes::Bytes;
 
 use super::accounting::over_budget;
 use super::conn::{Conn, MAX_PENDING_OUTPUT};
-use crate::model::{Delivery, Message};
 use super::publish::is_empty_props;
 use super::session::{Inflight, InflightState, Queued, Session};
 use super::stats::Stats;
 use super::{ConnKey, Engine};
+use crate::model::{Delivery, Message};
 use crate::protocol::{
     qos_from_u8, Packet, PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties,
 };

@@ -220,7 +220,11 @@ impl Engine {
 
     /// A stream another worker handed over: queued for the driver that adopts its kind.
     pub(super) fn adopt(&mut self, stream: HandedStream) {
-        let Some(slot) = self.drivers.iter_mut().find(|d| d.adopts.contains(&stream.kind)) else {
+        let Some(slot) = self
+            .drivers
+            .iter_mut()
+            .find(|d| d.adopts.contains(&stream.kind))
+        else {
             tracing::warn!(kind = ?stream.kind, "no driver for a handed-over stream: closed");
             return;
         };

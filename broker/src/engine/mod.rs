@@ -43,11 +43,11 @@ pub use stats::Stats;
 
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::model::Route;
 use crate::model::{Message, NodeId, SessionKey, SharedTarget, WorkerStats};
 use crate::protocol::{self, DecodeError, DisconnectReasonCode, Packet, PingResp};
 use crate::router::RetainedStore;
 use crate::router::{RouteTable, SharedGroups, SubscriptionIndex};
-use crate::model::Route;
 use drivers::DriverSlot;
 use subscribe::ParkedSubAck;
 

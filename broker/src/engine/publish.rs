@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::conn::HeldAcks;
-use crate::model::{Delivery, Message, NodeId, SharedTarget};
 use super::rate::Rate;
 use super::{ConnKey, Engine};
 use crate::config::{Limits, RateLimitAction};
+use crate::model::{Delivery, Message, NodeId, SharedTarget};
 use crate::protocol::{
     Disconnect, DisconnectReasonCode, Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
     PubRecReason, Publish, PublishProperties, QoS,

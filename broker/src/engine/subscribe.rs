@@ -6,13 +6,13 @@ use std::time::Instant;
 
 use topic_trie::{SubscriptionFilter, SubscriptionOptions};
 
-use crate::model::{Delivery, Message};
 use super::{ConnKey, Engine};
+use crate::model::Route;
+use crate::model::{Delivery, Message};
 use crate::protocol::{
     qos_from_u8, DisconnectReasonCode, Filter, Packet, RetainForwardRule, SubAck, Subscribe,
     SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
-use crate::model::Route;
 
 /// What one filter of a SUBSCRIBE came to.
 enum FilterOutcome {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::{ConnKey, DriverId, Engine};
-use crate::cluster::{Standalone, StreamKind};
 use crate::cluster::loopback::LoopbackNet;
+use crate::cluster::{Standalone, StreamKind};
 use crate::config::Config;
 use crate::model::NodeId;
 use crate::protocol::{
@@ -343,7 +343,10 @@ fn each_driver_has_its_own_dirty_list_and_handoffs() {
     engine.handle_read(key, &mut bytes, h.now);
     assert!(engine.take_handoffs(tcp).is_empty());
     let handoff = engine.take_handoff(key).expect("a handoff");
-    assert_eq!((handoff.key, handoff.to, handoff.bytes), (key, NodeId::local(1), sent));
+    assert_eq!(
+        (handoff.key, handoff.to, handoff.bytes),
+        (key, NodeId::local(1), sent)
+    );
     assert_eq!(engine.driver_connections(tcp), 0);
     assert_eq!(engine.connection_count(), 1);
 }

@@ -290,7 +290,10 @@ impl TcpReactor {
         }
         let now = Instant::now();
         for (stream, peer) in accepted {
-            let key = self.engine.borrow_mut().accept(self.driver, now, Some(peer.ip()));
+            let key = self
+                .engine
+                .borrow_mut()
+                .accept(self.driver, now, Some(peer.ip()));
             self.install(key, stream);
         }
     }
