@@ -590,3 +590,5 @@ fn packet_name(packet: &Packet) -> &'static str {
 mod tests;
 #[cfg(test)]
 mod tests_limits;
+#[cfg(test)]
+mod tests_cluster;
