@@ -14,6 +14,7 @@ pub mod model;
 pub mod protocol;
 pub mod router;
 pub mod transport;
+pub mod wake_queue;
 pub mod worker;
 
 pub use worker::Worker;

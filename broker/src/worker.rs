@@ -7,7 +7,6 @@
 //! one core by design (parallelism comes from running one worker process per core).
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -75,7 +74,7 @@ impl Worker {
         backend.lifecycle.ready().await;
         // Whatever the peers sent before they counted as joined is applied before the first
         // client is served.
-        apply_cluster_events(&backend.inbox, &engine, &mut VecDeque::new());
+        apply_cluster_events(&backend.inbox, &engine, &mut Vec::new());
         Ok(Worker {
             tcp,
             quic,
@@ -143,7 +142,7 @@ impl Worker {
 /// Feeds the cluster backend's events to the engine as they arrive, a batch per wake-up.
 async fn feed_cluster_events(inbox: Rc<ClusterInbox>, engine: Rc<RefCell<Engine>>) {
     // Swapped with the inbox's queue on every batch, so neither allocates once warm.
-    let mut events = VecDeque::new();
+    let mut events = Vec::new();
     loop {
         std::future::poll_fn(|cx| inbox.poll_ready(cx)).await;
         apply_cluster_events(&inbox, &engine, &mut events);
@@ -153,7 +152,7 @@ async fn feed_cluster_events(inbox: Rc<ClusterInbox>, engine: Rc<RefCell<Engine>
 fn apply_cluster_events(
     inbox: &ClusterInbox,
     engine: &RefCell<Engine>,
-    events: &mut VecDeque<ClusterEvent>,
+    events: &mut Vec<ClusterEvent>,
 ) {
     inbox.take(events);
     if events.is_empty() {

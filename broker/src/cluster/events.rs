@@ -5,11 +5,8 @@
 //! they were pushed. So no backend holds a reference to the engine, and nothing a backend
 //! does from inside a [`super::Cluster`] call can re-enter it.
 
-use std::cell::RefCell;
-use std::collections::VecDeque;
-use std::task::{Context, Poll, Waker};
-
 use super::HandedStream;
+use crate::wake_queue::WakeQueue;
 use crate::model::{Message, NodeId, Route, SessionImage, SharedTarget, WorkerStats};
 
 #[derive(Debug)]
@@ -56,43 +53,4 @@ pub enum ClusterEvent {
 
 /// The queue of events from a backend to the worker's engine. Single-threaded: the
 /// backend's tasks and the engine share one worker thread.
-#[derive(Debug, Default)]
-pub struct ClusterInbox {
-    events: RefCell<VecDeque<ClusterEvent>>,
-    waker: RefCell<Option<Waker>>,
-}
-
-impl ClusterInbox {
-    pub fn push(&self, event: ClusterEvent) {
-        let mut events = self.events.borrow_mut();
-        events.push_back(event);
-        if events.len() == 1 {
-            if let Some(waker) = self.waker.borrow().as_ref() {
-                waker.wake_by_ref();
-            }
-        }
-    }
-
-    /// Moves every queued event into `into` (which is cleared first), oldest first.
-    pub fn take(&self, into: &mut VecDeque<ClusterEvent>) {
-        into.clear();
-        std::mem::swap(&mut *self.events.borrow_mut(), into);
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.events.borrow().is_empty()
-    }
-
-    /// Ready when events are queued; otherwise remembers the waker for the next push.
-    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.events.borrow().is_empty() {
-            return Poll::Ready(());
-        }
-        let mut waker = self.waker.borrow_mut();
-        match waker.as_ref() {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            _ => *waker = Some(cx.waker().clone()),
-        }
-        Poll::Pending
-    }
-}
+pub type ClusterInbox = WakeQueue<ClusterEvent>;

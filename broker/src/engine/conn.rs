@@ -1,9 +1,7 @@
 //! Per-connection protocol state: what was negotiated in CONNECT and the bytes waiting to
 //! be written. Everything here lives only as long as the network connection.
 
-use std::cell::RefCell;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use ahash::AHashMap;
@@ -11,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::drivers::DriverId;
 use super::rate::PublishBuckets;
+use crate::wake_queue::WakeQueue;
 use crate::protocol::{
     self, Disconnect, DisconnectProperties, DisconnectReasonCode, Packet, Version,
 };
@@ -210,46 +209,4 @@ impl Conn {
 /// Connections with bytes to write or a close to carry out, in the order they became so.
 /// The transport driver takes the list after each batch of work and flushes each
 /// connection once, however many packets it gained: one write per socket per batch.
-#[derive(Debug, Default)]
-pub struct DirtyList {
-    keys: RefCell<Vec<usize>>,
-    waker: RefCell<Option<Waker>>,
-}
-
-impl DirtyList {
-    fn push(&self, key: usize) {
-        let mut keys = self.keys.borrow_mut();
-        keys.push(key);
-        if keys.len() == 1 {
-            if let Some(waker) = self.waker.borrow().as_ref() {
-                waker.wake_by_ref();
-            }
-        }
-    }
-
-    /// Wakes the driver without a dirty connection (e.g. a socket handed over to adopt).
-    pub fn wake_driver(&self) {
-        if let Some(waker) = self.waker.borrow().as_ref() {
-            waker.wake_by_ref();
-        }
-    }
-
-    /// Moves the listed keys into `into` (which is cleared first).
-    pub fn take(&self, into: &mut Vec<usize>) {
-        into.clear();
-        std::mem::swap(&mut *self.keys.borrow_mut(), into);
-    }
-
-    /// Ready when the list is not empty; otherwise remembers the waker for the next push.
-    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.keys.borrow().is_empty() {
-            return Poll::Ready(());
-        }
-        let mut waker = self.waker.borrow_mut();
-        match waker.as_ref() {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            _ => *waker = Some(cx.waker().clone()),
-        }
-        Poll::Pending
-    }
-}
+pub type DirtyList = WakeQueue<usize>;

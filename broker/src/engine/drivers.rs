@@ -229,7 +229,7 @@ impl Engine {
             return;
         };
         slot.adopted.push(stream);
-        slot.dirty.wake_driver();
+        slot.dirty.wake();
     }
 
     /// Streams handed over to `driver` since the last call. The driver accepts each
