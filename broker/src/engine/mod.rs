@@ -589,6 +589,6 @@ fn packet_name(packet: &Packet) -> &'static str {
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
-mod tests_limits;
-#[cfg(test)]
 mod tests_cluster;
+#[cfg(test)]
+mod tests_limits;
