@@ -6,8 +6,8 @@
 //! does from inside a [`super::Cluster`] call can re-enter it.
 
 use super::HandedStream;
-use crate::wake_queue::WakeQueue;
 use crate::model::{Message, NodeId, Route, SessionImage, SharedTarget, WorkerStats};
+use crate::wake_queue::WakeQueue;
 
 #[derive(Debug)]
 pub enum ClusterEvent {

@@ -465,7 +465,7 @@ mod tests {
                 ..Default::default()
             })),
             expires_at: Some(now + Duration::from_secs(30)),
-            origin: Some(3),
+            origin: Some(crate::model::SessionKey(3)),
         };
         let mut out = BytesMut::new();
         encode(&mut out, &Frame::Hello { index: 2, pid: 99 }, now);

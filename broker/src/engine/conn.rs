@@ -9,10 +9,11 @@ use bytes::{Bytes, BytesMut};
 
 use super::drivers::DriverId;
 use super::rate::PublishBuckets;
-use crate::wake_queue::WakeQueue;
+use crate::model::SessionKey;
 use crate::protocol::{
     self, Disconnect, DisconnectProperties, DisconnectReasonCode, Packet, Version,
 };
+use crate::wake_queue::WakeQueue;
 
 /// Output beyond this many bytes means the client is not reading: QoS 0 messages to it are
 /// dropped rather than buffered without bound (QoS 1/2 are bounded by the inflight window).
@@ -65,7 +66,7 @@ pub enum Admission {
 pub struct Conn {
     pub state: ConnState,
     pub version: Version,
-    pub session: Option<usize>,
+    pub session: Option<SessionKey>,
     /// Encoded packets not yet written to the socket. Empty (and unallocated) when idle.
     pub out: BytesMut,
     /// An incomplete packet left over from the last read. Empty when idle.

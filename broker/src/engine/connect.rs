@@ -8,7 +8,7 @@ use bytes::Bytes;
 use super::conn::{Admission, Conn, ConnState};
 use super::session::{Session, Will};
 use super::{ConnKey, Engine};
-use crate::model::Message;
+use crate::model::{Message, SessionKey};
 use crate::protocol::{
     ConnAck, ConnAckProperties, Connect, ConnectReturnCode, DecodeError, DisconnectReasonCode,
     LastWill, Login, Packet, Version,
@@ -279,7 +279,9 @@ impl Engine {
             connack: props,
         } = negotiated;
         let session_present = self.attach_session(key, client_id, clean_start, session_expiry, now);
-        let skey = self.conns[key].session.unwrap_or_default();
+        let Some(skey) = self.conns[key].session else {
+            return; // attach_session always attaches one
+        };
         self.sessions[skey].will = will.map(|w| Box::new(will_from(w, skey, now)));
         let conn = &mut self.conns[key];
         conn.state = ConnState::Active;
@@ -427,7 +429,7 @@ impl Engine {
     }
 }
 
-fn will_from(w: LastWill, origin: usize, now: Instant) -> Will {
+fn will_from(w: LastWill, origin: SessionKey, now: Instant) -> Will {
     let (delay_secs, properties, expires_at) = match w.properties {
         Some(p) => {
             let expires_at = p

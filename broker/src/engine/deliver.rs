@@ -13,7 +13,7 @@ use super::publish::is_empty_props;
 use super::session::{Inflight, InflightState, Queued, Session};
 use super::stats::Stats;
 use super::{ConnKey, Engine};
-use crate::model::{Delivery, Message};
+use crate::model::{Delivery, Message, SessionKey};
 use crate::protocol::{
     qos_from_u8, Packet, PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties,
 };
@@ -22,7 +22,7 @@ impl Engine {
     /// Sends `msg` to session `skey` now if its connection and window allow, else queues it.
     pub(super) fn deliver(
         &mut self,
-        skey: usize,
+        skey: SessionKey,
         msg: &Rc<Message>,
         delivery: Delivery,
         now: Instant,
@@ -77,7 +77,7 @@ impl Engine {
 
     /// After (re)connecting: resend what is inflight (PUBLISH with DUP, or PUBREL), then
     /// fill the window from the queue (MQTT-4.4.0-1).
-    pub(super) fn resume_delivery(&mut self, skey: usize, now: Instant) {
+    pub(super) fn resume_delivery(&mut self, skey: SessionKey, now: Instant) {
         let session = &mut self.sessions[skey];
         let Some(ckey) = session.conn else {
             return;
@@ -103,7 +103,7 @@ impl Engine {
     }
 
     /// Moves queued messages into the inflight window while it has room.
-    fn pump_queue(&mut self, skey: usize, now: Instant) {
+    fn pump_queue(&mut self, skey: SessionKey, now: Instant) {
         let session = &mut self.sessions[skey];
         let Some(ckey) = session.conn else {
             return;

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use super::session::{Inflight, InflightState, Queued, Session};
 use super::Engine;
-use crate::model::{InflightImage, QueuedImage, SessionImage, SubscriptionImage};
+use crate::model::{InflightImage, QueuedImage, SessionImage, SessionKey, SubscriptionImage};
 
 impl Engine {
     /// Takes every offline persistent session out of this engine (after a drain closed
     /// all connections), as images to send to this worker's successor.
     pub fn export_sessions(&mut self, now: Instant) -> Vec<SessionImage> {
-        let keys: Vec<usize> = self
+        let keys: Vec<SessionKey> = self
             .sessions
             .iter()
             .filter(|(_, s)| s.conn.is_none() && s.expiry_secs > 0)

@@ -38,7 +38,7 @@ use slab::Slab;
 pub use accounting::{Footprint, MemoryReport, MODEL_BYTES};
 pub use conn::{Admission, Conn, ConnState, DirtyList, HeldAcks};
 pub use drivers::{DriverId, PendingHandoff};
-pub use session::Session;
+pub use session::{Session, Sessions};
 pub use stats::Stats;
 
 use crate::cluster::Cluster;
@@ -60,7 +60,7 @@ pub type ConnKey = usize;
 pub struct Engine {
     config: Rc<Config>,
     conns: Slab<Conn>,
-    sessions: Slab<Session>,
+    sessions: Sessions,
     client_ids: AHashMap<Box<str>, SessionKey>,
     /// Local plain subscriptions.
     subscriptions: SubscriptionIndex,
@@ -113,7 +113,7 @@ impl Engine {
         Engine {
             config,
             conns: Slab::new(),
-            sessions: Slab::new(),
+            sessions: Sessions::default(),
             client_ids: AHashMap::new(),
             subscriptions: SubscriptionIndex::new(),
             shared: SharedGroups::default(),

@@ -11,7 +11,7 @@ use super::conn::HeldAcks;
 use super::rate::Rate;
 use super::{ConnKey, Engine};
 use crate::config::{Limits, RateLimitAction};
-use crate::model::{Delivery, Message, NodeId, SharedTarget};
+use crate::model::{Delivery, Message, NodeId, SessionKey, SharedTarget};
 use crate::protocol::{
     Disconnect, DisconnectReasonCode, Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
     PubRecReason, Publish, PublishProperties, QoS,
@@ -130,7 +130,13 @@ impl Engine {
     /// Records the packet id of an inbound QoS 2 PUBLISH until its PUBREL. False if the
     /// message goes no further: a resend of one already accepted (PUBREC sent again, so it
     /// is delivered once) or one over the receive maximum (the connection is closed).
-    fn record_incoming_qos2(&mut self, key: ConnKey, skey: usize, pkid: u16, now: Instant) -> bool {
+    fn record_incoming_qos2(
+        &mut self,
+        key: ConnKey,
+        skey: SessionKey,
+        pkid: u16,
+        now: Instant,
+    ) -> bool {
         let session = &mut self.sessions[skey];
         if session.incoming_qos2.contains(&pkid) {
             // A resend of a message already accepted: acknowledge again, deliver once.
@@ -159,7 +165,13 @@ impl Engine {
 
     /// Turns an accepted PUBLISH into a message from session `skey`, stores it if retained,
     /// routes it and acknowledges it.
-    fn accept_publish(&mut self, key: ConnKey, skey: usize, publish: ValidPublish, now: Instant) {
+    fn accept_publish(
+        &mut self,
+        key: ConnKey,
+        skey: SessionKey,
+        publish: ValidPublish,
+        now: Instant,
+    ) {
         let ValidPublish {
             topic,
             payload,

@@ -1,16 +1,18 @@
 //! The state MQTT keeps for a client id across connections: subscriptions, the outbound
-//! inflight window and queue, incoming QoS 2 ids and the will. Plain data, no I/O, so a
-//! later issue can serialize it to move a session between workers or into Redis.
+//! inflight window and queue, incoming QoS 2 ids and the will. Plain data, no I/O, so it
+//! can be turned into a `SessionImage` to move between workers or into a store.
 
 use std::collections::VecDeque;
+use std::ops::{Index, IndexMut};
 use std::rc::Rc;
 use std::time::Instant;
 
 use ahash::AHashMap;
+use slab::Slab;
 use topic_trie::SubscriptionOptions;
 
 use super::accounting::held_message_bytes;
-use crate::model::{Delivery, Message};
+use crate::model::{Delivery, Message, SessionKey};
 
 /// Where a QoS 1/2 message sent to the client stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,5 +146,58 @@ impl Session {
     pub fn inflight_position(&self, pkid: u16) -> Option<usize> {
         // Acks nearly always come in order, so the front is checked first.
         self.inflight.iter().position(|m| m.pkid == pkid)
+    }
+}
+
+/// This worker's sessions, addressed by [`SessionKey`] (a slab: keys are reused once a
+/// session is gone, so a key is only good while its session lives).
+#[derive(Debug, Default)]
+pub struct Sessions(Slab<Session>);
+
+impl Sessions {
+    pub fn insert(&mut self, session: Session) -> SessionKey {
+        SessionKey(self.0.insert(session))
+    }
+
+    pub fn remove(&mut self, key: SessionKey) -> Session {
+        self.0.remove(key.0)
+    }
+
+    pub fn get(&self, key: SessionKey) -> Option<&Session> {
+        self.0.get(key.0)
+    }
+
+    pub fn get_mut(&mut self, key: SessionKey) -> Option<&mut Session> {
+        self.0.get_mut(key.0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (SessionKey, &Session)> {
+        self.0.iter().map(|(k, s)| (SessionKey(k), s))
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (SessionKey, &mut Session)> {
+        self.0.iter_mut().map(|(k, s)| (SessionKey(k), s))
+    }
+}
+
+impl Index<SessionKey> for Sessions {
+    type Output = Session;
+
+    fn index(&self, key: SessionKey) -> &Session {
+        &self.0[key.0]
+    }
+}
+
+impl IndexMut<SessionKey> for Sessions {
+    fn index_mut(&mut self, key: SessionKey) -> &mut Session {
+        &mut self.0[key.0]
     }
 }

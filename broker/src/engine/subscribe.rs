@@ -8,7 +8,7 @@ use topic_trie::{SubscriptionFilter, SubscriptionOptions};
 
 use super::{ConnKey, Engine};
 use crate::model::Route;
-use crate::model::{Delivery, Message};
+use crate::model::{Delivery, Message, SessionKey};
 use crate::protocol::{
     qos_from_u8, DisconnectReasonCode, Filter, Packet, RetainForwardRule, SubAck, Subscribe,
     SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
@@ -39,7 +39,7 @@ pub(crate) struct Granted {
 #[derive(Debug)]
 pub(crate) struct ParkedSubAck {
     conn: ConnKey,
-    session: usize,
+    session: SessionKey,
     suback: Packet,
     granted: Vec<Granted>,
 }
@@ -254,7 +254,7 @@ impl Engine {
     /// Re-creates a subscription of an imported session (options already negotiated).
     pub(super) fn restore_subscription(
         &mut self,
-        skey: usize,
+        skey: SessionKey,
         filter: &str,
         opts: topic_trie::SubscriptionOptions,
     ) {
@@ -282,7 +282,7 @@ impl Engine {
     }
 
     /// Removes one of a session's filters (as the client sent it) from the index.
-    pub(super) fn remove_subscription(&mut self, skey: usize, filter: &str) {
+    pub(super) fn remove_subscription(&mut self, skey: SessionKey, filter: &str) {
         let route = match topic_trie::parse_subscription_filter(filter) {
             Ok(SubscriptionFilter::Plain(f)) => {
                 self.subscriptions.remove(f, &skey);

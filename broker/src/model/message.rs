@@ -6,8 +6,10 @@ use bytes::Bytes;
 
 use crate::protocol::{PublishProperties, QoS};
 
-/// A session's slot in one worker's engine. Meaningful only on that worker.
-pub type SessionKey = usize;
+/// A session's slot in one worker's engine. Meaningful only on that worker: it never
+/// crosses the cluster (a forwarded message arrives without its origin).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionKey(pub(crate) usize);
 
 /// One PUBLISH as received, shared (`Rc`) by every queue and inflight window holding it.
 ///

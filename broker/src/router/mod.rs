@@ -11,5 +11,7 @@ pub use routes::{RouteKind, RouteTable};
 pub use shared::SharedGroups;
 pub use topic_trie::SubscriptionOptions;
 
+use crate::model::SessionKey;
+
 /// Local plain subscriptions, keyed by session slot.
-pub type SubscriptionIndex = topic_trie::TopicTrie<usize, SubscriptionOptions>;
+pub type SubscriptionIndex = topic_trie::TopicTrie<SessionKey, SubscriptionOptions>;

@@ -7,9 +7,11 @@
 use ahash::AHashMap;
 use topic_trie::SubscriptionOptions;
 
+use crate::model::SessionKey;
+
 #[derive(Debug, Default)]
 struct Group {
-    members: Vec<(usize, SubscriptionOptions)>,
+    members: Vec<(SessionKey, SubscriptionOptions)>,
     next: usize,
 }
 
@@ -25,7 +27,7 @@ impl SharedGroups {
         &mut self,
         group: &str,
         filter: &str,
-        session: usize,
+        session: SessionKey,
         opts: SubscriptionOptions,
     ) -> bool {
         let filters = self.groups.entry(group.into()).or_default();
@@ -39,7 +41,7 @@ impl SharedGroups {
     }
 
     /// Removes `session` from the group. Returns true if the group is now empty here.
-    pub fn remove(&mut self, group: &str, filter: &str, session: usize) -> bool {
+    pub fn remove(&mut self, group: &str, filter: &str, session: SessionKey) -> bool {
         let Some(filters) = self.groups.get_mut(group) else {
             return false;
         };
@@ -58,7 +60,7 @@ impl SharedGroups {
     }
 
     /// The next member of the group, round-robin.
-    pub fn pick(&mut self, group: &str, filter: &str) -> Option<(usize, SubscriptionOptions)> {
+    pub fn pick(&mut self, group: &str, filter: &str) -> Option<(SessionKey, SubscriptionOptions)> {
         let g = self.groups.get_mut(group)?.get_mut(filter)?;
         if g.members.is_empty() {
             return None;
@@ -89,13 +91,14 @@ mod tests {
     fn picks_members_in_turn_and_forgets_empty_groups() {
         let mut g = SharedGroups::default();
         let o = SubscriptionOptions::default();
-        assert!(g.insert("g", "t", 1, o));
-        assert!(!g.insert("g", "t", 2, o));
-        let picks: Vec<usize> = (0..4).map(|_| g.pick("g", "t").unwrap().0).collect();
-        assert_eq!(picks, [1, 2, 1, 2]);
-        assert!(!g.remove("g", "t", 1));
-        assert_eq!(g.pick("g", "t").unwrap().0, 2);
-        assert!(g.remove("g", "t", 2));
+        let (one, two) = (SessionKey(1), SessionKey(2));
+        assert!(g.insert("g", "t", one, o));
+        assert!(!g.insert("g", "t", two, o));
+        let picks: Vec<SessionKey> = (0..4).map(|_| g.pick("g", "t").unwrap().0).collect();
+        assert_eq!(picks, [one, two, one, two]);
+        assert!(!g.remove("g", "t", one));
+        assert_eq!(g.pick("g", "t").unwrap().0, two);
+        assert!(g.remove("g", "t", two));
         assert!(g.pick("g", "t").is_none());
         assert!(g.is_empty());
     }
