@@ -4,12 +4,14 @@
 //! sleeps: the test owns the engines and decides when each inbox is drained, so every
 //! interleaving it exercises is deterministic.
 //!
-//! Delivery is FIFO per destination, like the mesh's links. Nodes may live on different
-//! hosts ([`NodeId::host`]); a handoff to another host is refused as
+//! Delivery is FIFO per destination, like the mesh's links. As in the mesh, membership is
+//! every node that ever joined (the configured slots): a node that left still owns its
+//! client ids, and connections handed to it wait for its successor. Nodes may live on
+//! different hosts ([`NodeId::host`]); a handoff to another host is refused as
 //! [`HandoffError::Elsewhere`], as a backend that does not pass sockets between hosts would.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
 use super::{
@@ -31,6 +33,10 @@ struct Member {
 #[derive(Default)]
 pub struct LoopbackNet {
     members: BTreeMap<NodeId, Member>,
+    /// Every node that ever joined: what client ids are spread over.
+    membership: BTreeSet<NodeId>,
+    /// Connections handed to a member that is away, delivered when it joins again.
+    pending_handoffs: Vec<(NodeId, HandedStream)>,
     /// Messages forwarded, counted for tests.
     pub forwarded: u64,
 }
@@ -48,6 +54,14 @@ impl LoopbackNet {
         for (&other, member) in &n.members {
             member.inbox.push(ClusterEvent::PeerJoined(node));
             inbox.push(ClusterEvent::PeerJoined(other));
+        }
+        n.membership.insert(node);
+        let (waiting, others) = std::mem::take(&mut n.pending_handoffs)
+            .into_iter()
+            .partition(|(to, _)| *to == node);
+        n.pending_handoffs = others;
+        for (_, stream) in waiting {
+            inbox.push(ClusterEvent::Adopt(stream));
         }
         n.members.insert(
             node,
@@ -117,8 +131,8 @@ impl LoopbackNet {
 
     /// Slots on `host`, for the home of a client id.
     fn slots_on(&self, host: u32) -> Vec<NodeId> {
-        self.members
-            .keys()
+        self.membership
+            .iter()
             .copied()
             .filter(|n| n.host == host)
             .collect()
@@ -140,14 +154,14 @@ impl Cluster for LoopbackCluster {
     }
 
     fn is_alone(&self) -> bool {
-        self.net.borrow().members.len() <= 1
+        self.net.borrow().membership.len() <= 1
     }
 
     /// Hosts own client ids by the same hash as slots do within a host: the host among
     /// the members' hosts, then the slot among that host's members.
     fn home_of(&self, client_id: &str) -> NodeId {
         let net = self.net.borrow();
-        let mut hosts: Vec<u32> = net.members.keys().map(|n| n.host).collect();
+        let mut hosts: Vec<u32> = net.membership.iter().map(|n| n.host).collect();
         hosts.dedup();
         let host = hosts[super::home_worker(client_id, hosts.len() as u16) as usize];
         let slots = net.slots_on(host);
@@ -155,7 +169,7 @@ impl Cluster for LoopbackCluster {
     }
 
     fn sys_publisher(&self) -> NodeId {
-        *self.net.borrow().members.keys().next().unwrap_or(&self.me)
+        *self.net.borrow().membership.first().unwrap_or(&self.me)
     }
 
     fn route_added(&mut self, route: &Route) {
@@ -252,14 +266,17 @@ impl Cluster for LoopbackCluster {
                 server_reference: Some(format!("host-{}", to.host)),
             });
         }
-        let net = self.net.borrow();
-        match net.members.get(&to) {
-            Some(member) => {
-                member.inbox.push(ClusterEvent::Adopt(stream));
-                Ok(())
-            }
-            None => Err(HandoffError::Unreachable(stream)),
+        let mut net = self.net.borrow_mut();
+        if let Some(member) = net.members.get(&to) {
+            member.inbox.push(ClusterEvent::Adopt(stream));
+            return Ok(());
         }
+        if !net.membership.contains(&to) {
+            return Err(HandoffError::Unreachable(stream));
+        }
+        // Away (restarting): the client waits for the successor, as over the mesh.
+        net.pending_handoffs.push((to, stream));
+        Ok(())
     }
 
     fn report_stats(&mut self, stats: &WorkerStats) {

@@ -119,12 +119,6 @@ impl Engine {
                 None => {}
             }
         }
-        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked_subacks)
-            .into_iter()
-            .partition(|(barrier, _)| *barrier == id);
-        self.parked_subacks = waiting;
-        for (_, parked) in done {
-            self.complete_subscribe(parked, now);
-        }
+        self.route_barrier_done(id, now);
     }
 }

@@ -82,6 +82,9 @@ pub struct Engine {
     holding_acks: Vec<ConnKey>,
     /// SUBACKs waiting for a cluster barrier.
     parked_subacks: Vec<(u64, ParkedSubAck)>,
+    /// The latest barrier after a route announcement, while it is not complete: until
+    /// then a SUBSCRIBE to an already announced route may not be known to every peer.
+    route_barrier: Option<u64>,
     /// Routes each peer announced, so they can be dropped when it goes away.
     remote_routes: AHashMap<NodeId, std::collections::HashSet<Route>>,
     /// Latest counters reported by each worker, this one included (for `$SYS`, kept by the
@@ -125,6 +128,7 @@ impl Engine {
             connect_bytes: None,
             drivers: Vec::new(),
             parked_subacks: Vec::new(),
+            route_barrier: None,
             holding_acks: Vec::new(),
             worker_stats: Default::default(),
             remote_routes: AHashMap::new(),
@@ -191,6 +195,7 @@ impl Engine {
 
     /// A connection's slot was freed (closed, or handed to another worker).
     fn forget_conn(&mut self, conn: &Conn) {
+        self.drop_parked_subscribes(conn.key);
         self.drivers[conn.driver_index()].conns -= 1;
         self.release_admission(conn.admission);
     }

@@ -42,6 +42,8 @@ pub(crate) struct ParkedSubAck {
     session: SessionKey,
     suback: Packet,
     granted: Vec<Granted>,
+    /// Answers to the connection's later UNSUBSCRIBEs, which go out after this SUBACK.
+    then: Vec<Packet>,
 }
 
 impl Engine {
@@ -102,10 +104,52 @@ impl Engine {
             session: skey,
             suback,
             granted,
+            then: Vec::new(),
         };
-        match new_route.then(|| self.cluster.barrier()).flatten() {
+        let barrier = new_route.then(|| self.cluster.barrier()).flatten();
+        if barrier.is_some() {
+            self.route_barrier = barrier;
+        }
+        // A route this SUBSCRIBE shares with an earlier one may not be confirmed yet either:
+        // then it waits for the latest announcement's barrier too.
+        match barrier.or(self.route_barrier) {
             Some(barrier) => self.parked_subacks.push((barrier, parked)),
             None => self.complete_subscribe(parked, now),
+        }
+    }
+
+    /// Barrier `id` completed (and every earlier one): the SUBSCRIBEs waiting for it go live,
+    /// in the order they arrived.
+    pub(super) fn route_barrier_done(&mut self, id: u64, now: Instant) {
+        if self.route_barrier.is_some_and(|b| b <= id) {
+            self.route_barrier = None;
+        }
+        if self.parked_subacks.is_empty() {
+            return;
+        }
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked_subacks)
+            .into_iter()
+            .partition(|(barrier, _)| *barrier <= id);
+        self.parked_subacks = waiting;
+        for (_, parked) in done {
+            self.complete_subscribe(parked, now);
+        }
+    }
+
+    /// Connection `key` is gone: its parked SUBSCRIBEs are dropped with it (their routes
+    /// uncounted), so nothing reaches a later connection that reuses the slot.
+    pub(super) fn drop_parked_subscribes(&mut self, key: ConnKey) {
+        if !self.parked_subacks.iter().any(|(_, p)| p.conn == key) {
+            return;
+        }
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked_subacks)
+            .into_iter()
+            .partition(|(_, p)| p.conn == key);
+        self.parked_subacks = kept;
+        for (_, parked) in gone {
+            for g in parked.granted.into_iter().filter(|g| g.counted) {
+                self.remove_route(g.route);
+            }
         }
     }
 
@@ -157,6 +201,9 @@ impl Engine {
             }
         }
         self.conns[parked.conn].send(&parked.suback);
+        for packet in &parked.then {
+            self.conns[parked.conn].send(packet);
+        }
         for (msg, delivery) in retained {
             self.deliver(skey, &msg, delivery, now);
         }
@@ -233,22 +280,63 @@ impl Engine {
         };
         let mut reasons = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
-            let existed = self.sessions[skey]
+            let mut existed = self.sessions[skey]
                 .subscriptions
                 .remove(filter.as_str())
                 .is_some();
             if existed {
                 self.remove_subscription(skey, filter);
-                reasons.push(UnsubAckReason::Success);
-            } else {
-                reasons.push(UnsubAckReason::NoSubscriptionExisted);
             }
+            // A SUBSCRIBE of this connection still waiting for its barrier counts as done:
+            // the client sent it first, so it must not come alive after this.
+            existed |= self.cancel_parked_filter(key, filter);
+            reasons.push(if existed {
+                UnsubAckReason::Success
+            } else {
+                UnsubAckReason::NoSubscriptionExisted
+            });
         }
-        self.conns[key].send(&Packet::UnsubAck(UnsubAck {
+        let unsuback = Packet::UnsubAck(UnsubAck {
             pkid: u.pkid,
             reasons,
             properties: None,
-        }));
+        });
+        // Behind a parked SUBACK of this connection, so the acks keep the packets' order.
+        match self
+            .parked_subacks
+            .iter_mut()
+            .rev()
+            .find(|(_, p)| p.conn == key)
+        {
+            Some((_, parked)) => parked.then.push(unsuback),
+            None => self.conns[key].send(&unsuback),
+        }
+    }
+
+    /// Takes `filter` out of the connection's parked SUBSCRIBEs; true if one had it.
+    fn cancel_parked_filter(&mut self, key: ConnKey, filter: &str) -> bool {
+        let mut uncounted = Vec::new();
+        let mut found = false;
+        for (_, parked) in self
+            .parked_subacks
+            .iter_mut()
+            .filter(|(_, p)| p.conn == key)
+        {
+            parked.granted.retain_mut(|g| {
+                if g.path != filter {
+                    return true;
+                }
+                found = true;
+                if g.counted {
+                    uncounted.push(g.route.clone());
+                }
+                false
+            });
+        }
+        for route in uncounted {
+            self.remove_route(route);
+        }
+        found
     }
 
     /// Re-creates a subscription of an imported session (options already negotiated).

@@ -644,16 +644,13 @@ fn handoff_within_a_host_is_adopted_by_the_home_worker() {
     assert_eq!(h.engine.session_count(), 1);
 }
 
-// Known bugs and gaps found while writing the tests above. Each test states the behaviour
-// that should hold and fails today; it is ignored so the suite stays green until the fix
-// (`cargo test -p mqttd-broker --lib tests_cluster -- --ignored` runs them).
+// Barrier corner cases: what a client was told must hold on every worker, whatever it
+// sends while its SUBSCRIBE waits.
 
-/// Bug (ignored until fixed; see `subscribe.rs`, `handle_subscribe`): a SUBSCRIBE whose
-/// route is already counted on this worker, because an earlier SUBSCRIBE announced it and
-/// still waits for its barrier, is acknowledged at once. Its client then holds a SUBACK
-/// while node 1 has not applied the route, so a PUBLISH on node 1 does not reach it.
+/// A SUBSCRIBE whose route is already counted on this worker, because an earlier SUBSCRIBE
+/// announced it and still waits for its barrier, waits for that barrier too: otherwise its
+/// client would hold a SUBACK while node 1 has not applied the route.
 #[test]
-#[ignore = "bug: SUBACK for a route whose barrier is still pending goes out at once"]
 fn second_subscriber_to_an_unconfirmed_route_waits_for_its_barrier() {
     let mut w = Workers::new(2);
     let first = w.connect(0, "first");
@@ -671,12 +668,10 @@ fn second_subscriber_to_an_unconfirmed_route_waits_for_its_barrier() {
     );
 }
 
-/// Bug (ignored until fixed; see `subscribe.rs`, `handle_unsubscribe`): an UNSUBSCRIBE
-/// that arrives while the same filter's SUBSCRIBE waits for its barrier answers "no
-/// subscription existed" (before the SUBACK), and the barrier then activates the filter:
-/// the client that unsubscribed last stays subscribed.
+/// An UNSUBSCRIBE that arrives while the same filter's SUBSCRIBE waits for its barrier
+/// cancels it: the client that unsubscribed last is not subscribed, and its UNSUBACK
+/// follows the SUBACK.
 #[test]
-#[ignore = "bug: UNSUBSCRIBE does not cancel a SUBSCRIBE parked on its barrier"]
 fn unsubscribe_after_a_parked_subscribe_leaves_no_subscription() {
     let mut w = Workers::new(2);
     let c = w.connect(0, "c");
@@ -688,20 +683,27 @@ fn unsubscribe_after_a_parked_subscribe_leaves_no_subscription() {
         properties: None,
     };
     w.node(0).send(c, Packet::Unsubscribe(unsubscribe));
+    assert!(
+        w.node(0).received(c).is_empty(),
+        "both acks wait for the barrier"
+    );
     w.settle();
-    w.node(0).received(c);
+    match w.node(0).received(c).as_slice() {
+        [Packet::SubAck(_), Packet::UnsubAck(u)] => {
+            assert_eq!(u.pkid, 9);
+            assert_eq!(u.reasons, [wire::UnsubAckReason::Success]);
+        }
+        other => panic!("expected SUBACK then UNSUBACK, got {other:?}"),
+    }
     w.publish(1, publisher, "x", "after-unsubscribe", QoS::AtMostOnce, 0);
     w.settle();
     assert_eq!(w.payloads(0, c), Vec::<String>::new());
     assert_eq!(w.node(0).engine.subscription_count(), 0);
 }
 
-/// Bug (ignored until fixed; see `subscribe.rs`, `complete_subscribe`): a SUBACK parked for
-/// a connection that is lost goes to whichever connection reuses its slot for the same
-/// session (the liveness check compares slot and session only): the resumed client gets a
-/// SUBACK for a packet id it never used.
+/// A SUBACK parked for a connection that is lost goes with it, not to the connection that
+/// reuses its slot for the same session (a packet id that client never used).
 #[test]
-#[ignore = "bug: a parked SUBACK outlives its connection and reaches the next one"]
 fn suback_parked_for_a_lost_connection_is_not_sent_to_its_successor() {
     let mut w = Workers::new(2);
     let id = w.client_id(0, "resumer");
@@ -724,33 +726,33 @@ fn suback_parked_for_a_lost_connection_is_not_sent_to_its_successor() {
     assert!(got.is_empty(), "the new connection got {got:?}");
 }
 
-/// Loopback fidelity gap (ignored until fixed; see `loopback.rs`, `LoopbackCluster::home_of`
-/// and `is_alone`): the loopback computes a client id's home over the live members, the
-/// mesh over the fixed worker count. So while worker 1 is away (a rolling restart), its
-/// clients are served by worker 0 with a fresh session here, where the mesh refuses them
-/// as "server unavailable" (the handoff to slot 1 is unreachable) until it is back.
+/// While worker 1 is away (a rolling restart), its clients still belong to it: a
+/// connection for one is handed over and waits, and worker 1's successor adopts it.
 #[test]
-#[ignore = "loopback: home_of and is_alone follow live membership, unlike the mesh"]
-fn client_of_an_absent_worker_is_refused_not_served_elsewhere() {
+fn client_of_an_absent_worker_waits_for_its_successor() {
     let mut w = Workers::new(2);
     let id = w.client_id(1, "homeless");
+    let slot = w.id(1);
     w.leave(1);
     w.settle();
     let h = w.node(0);
     let key = h.engine.accept(h.driver, h.now, None);
     h.engine
         .handle_read(key, &mut v5_connect(&id, true, 0), h.now);
-    if let Some(handoff) = h.engine.take_handoff(key) {
-        assert!(h
-            .engine
-            .hand_off(handoff, StreamKind::Mqtt, socket())
-            .is_err());
-    }
-    match h.received(key).as_slice() {
-        [Packet::ConnAck(ack)] => {
-            assert_eq!(ack.code, wire::ConnectReturnCode::ServerUnavailable)
-        }
-        other => panic!("expected CONNACK 0x88, got {other:?}"),
-    }
+    let handoff = h.engine.take_handoff(key).expect("handed to worker 1");
+    assert_eq!(handoff.to, slot);
+    assert!(h
+        .engine
+        .hand_off(handoff, StreamKind::Mqtt, socket())
+        .is_ok());
     assert_eq!(h.engine.session_count(), 0);
+    assert_eq!(h.engine.connection_count(), 0);
+    w.restart(1, slot);
+    let h = w.node(1);
+    let adopted = h.engine.take_adopted(h.driver);
+    assert_eq!(
+        adopted.len(),
+        1,
+        "the successor adopts the waiting connection"
+    );
 }
