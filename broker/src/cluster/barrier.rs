@@ -56,8 +56,4 @@ impl Barriers {
         done.sort_unstable();
         done
     }
-
-    pub fn pending(&self) -> usize {
-        self.waiting.len()
-    }
 }

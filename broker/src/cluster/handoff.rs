@@ -47,11 +47,3 @@ pub enum HandoffError {
         server_reference: Option<String>,
     },
 }
-
-impl HandoffError {
-    pub fn into_stream(self) -> HandedStream {
-        match self {
-            HandoffError::Unreachable(stream) | HandoffError::Elsewhere { stream, .. } => stream,
-        }
-    }
-}

@@ -23,8 +23,6 @@ use crate::model::{Message, NodeId, Route, SessionImage, SharedTarget, WorkerSta
 struct Member {
     inbox: Rc<ClusterInbox>,
     barriers: Barriers,
-    /// Stats reported to the `$SYS` publisher, counted for tests.
-    stats_reported: u64,
     /// Sessions given to [`Lifecycle::hand_over_sessions`], for the test to move on.
     handed_over: Vec<SessionImage>,
 }
@@ -68,7 +66,6 @@ impl LoopbackNet {
             Member {
                 inbox: inbox.clone(),
                 barriers: Barriers::default(),
-                stats_reported: 0,
                 handed_over: Vec::new(),
             },
         );
@@ -98,21 +95,12 @@ impl LoopbackNet {
         }
     }
 
-    /// The inbox of `node`, for the test to drain into its engine.
-    pub fn inbox(&self, node: NodeId) -> Option<Rc<ClusterInbox>> {
-        self.members.get(&node).map(|m| m.inbox.clone())
-    }
-
     /// Sessions `node` exported when it drained.
     pub fn take_handed_over(&mut self, node: NodeId) -> Vec<SessionImage> {
         self.members
             .get_mut(&node)
             .map(|m| std::mem::take(&mut m.handed_over))
             .unwrap_or_default()
-    }
-
-    pub fn stats_reported(&self, node: NodeId) -> u64 {
-        self.members.get(&node).map_or(0, |m| m.stats_reported)
     }
 
     fn peers_of(&self, me: NodeId) -> impl Iterator<Item = (&NodeId, &Member)> {
@@ -281,18 +269,12 @@ impl Cluster for LoopbackCluster {
 
     fn report_stats(&mut self, stats: &WorkerStats) {
         let publisher = self.sys_publisher();
-        let mut net = self.net.borrow_mut();
         if publisher != self.me {
-            net.send(
-                publisher,
-                ClusterEvent::PeerStats {
-                    from: self.me,
-                    stats: *stats,
-                },
-            );
-        }
-        if let Some(member) = net.members.get_mut(&self.me) {
-            member.stats_reported += 1;
+            let from = self.me;
+            let stats = *stats;
+            self.net
+                .borrow()
+                .send(publisher, ClusterEvent::PeerStats { from, stats });
         }
     }
 }

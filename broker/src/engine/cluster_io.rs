@@ -10,11 +10,6 @@ use crate::cluster::ClusterEvent;
 use crate::model::{Message, NodeId, Route, SharedTarget};
 
 impl Engine {
-    /// This worker's name in the cluster.
-    pub fn node(&self) -> NodeId {
-        self.me
-    }
-
     /// Applies one event from the cluster backend. Events must be fed in the order the
     /// backend produced them (a barrier confirms everything before it).
     pub fn handle_cluster(&mut self, event: ClusterEvent, now: Instant) {
