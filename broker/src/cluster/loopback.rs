@@ -95,6 +95,11 @@ impl LoopbackNet {
         }
     }
 
+    /// The inbox of `node` (to check what is waiting for it).
+    pub fn inbox(&self, node: NodeId) -> Option<Rc<ClusterInbox>> {
+        self.members.get(&node).map(|m| m.inbox.clone())
+    }
+
     /// Sessions `node` exported when it drained.
     pub fn take_handed_over(&mut self, node: NodeId) -> Vec<SessionImage> {
         self.members
