@@ -317,6 +317,13 @@ impl WorkerMetrics {
             &[("out", s.forwarded), ("in", s.forwarded_in)],
         );
         w.labelled(
+            "mqttd_backpressure_pauses_total",
+            "counter",
+            "Sources paused because a destination was behind, by source.",
+            "source",
+            &[("client", s.publishers_paused), ("peer", s.peer_links_held)],
+        );
+        w.labelled(
             "mqttd_rate_limited_total",
             "counter",
             "Rate-limit hits, by kind.",

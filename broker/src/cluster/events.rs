@@ -27,10 +27,14 @@ pub enum ClusterEvent {
     /// A message published on another worker, for this worker's plain subscribers (if
     /// `plain`) and for one local member of each listed shared group.
     Forwarded {
+        from: NodeId,
         msg: Message,
         plain: bool,
         shared: Vec<SharedTarget>,
     },
+    /// The link to a peer that was behind ([`super::Cluster::forward`] returned true) has
+    /// caught up: the publishers waiting for it may go on.
+    PeerCaughtUp(NodeId),
     /// A retained message set (or cleared, empty payload) on another worker.
     Retained(Message),
     /// A peer asks to be told once everything it sent before this point has been applied

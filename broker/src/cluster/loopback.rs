@@ -37,6 +37,9 @@ pub struct LoopbackNet {
     pending_handoffs: Vec<(NodeId, HandedStream)>,
     /// Messages forwarded, counted for tests.
     pub forwarded: u64,
+    /// (holder, peer): `holder` takes no more messages from `peer` (a destination of its
+    /// is behind). Recorded for tests; delivery here does not stop.
+    pub held: BTreeSet<(NodeId, NodeId)>,
 }
 
 impl LoopbackNet {
@@ -185,18 +188,30 @@ impl Cluster for LoopbackCluster {
         }
     }
 
-    fn forward(&mut self, to: NodeId, msg: &Message, plain: bool, shared: &[SharedTarget]) {
+    /// Never behind: an inbox has no bound (tests decide when it is drained).
+    fn forward(&mut self, to: NodeId, msg: &Message, plain: bool, shared: &[SharedTarget]) -> bool {
         let mut net = self.net.borrow_mut();
         let mut msg = msg.clone();
         // A session key means nothing on another worker (the mesh does not carry it).
         msg.origin = None;
         let event = ClusterEvent::Forwarded {
+            from: self.me,
             msg,
             plain,
             shared: shared.to_vec(),
         };
         if net.send(to, event) {
             net.forwarded += 1;
+        }
+        false
+    }
+
+    fn hold_peer(&mut self, peer: NodeId, hold: bool) {
+        let mut net = self.net.borrow_mut();
+        if hold {
+            net.held.insert((self.me, peer));
+        } else {
+            net.held.remove(&(self.me, peer));
         }
     }
 

@@ -31,9 +31,15 @@ use super::{
     LocalFuture, WorkerIdentity,
 };
 use crate::model::{Message, NodeId, Route, SessionImage, SharedTarget, WorkerStats};
+use crate::protocol::QoS;
 
-/// A peer's outbound link may hold this much before forwards to it are dropped (a peer that
-/// stopped reading must not grow this worker's memory without bound).
+/// Queued for a peer beyond this, it is behind: publishers whose messages go to it pause
+/// until it is under `CAUGHT_UP` again (see `engine/flow.rs`).
+const BEHIND: usize = 4 * 1024 * 1024;
+const CAUGHT_UP: usize = 1024 * 1024;
+/// Queued for a peer beyond this, QoS 0 forwards to it are dropped (counted). QoS 1/2 never
+/// are: their publishers are paused, so the overshoot past `BEHIND` is bounded by one
+/// message per publisher.
 const MAX_OUTBOX: usize = 64 * 1024 * 1024;
 /// How long a worker waits for its peers when it starts.
 const JOIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -47,6 +53,10 @@ pub fn socket_path(dir: &Path, index: u16) -> PathBuf {
 struct Link {
     connected: bool,
     out: BytesMut,
+    /// Bytes taken from `out` by the writer and not yet written.
+    writing: usize,
+    /// `forward` reported this peer behind; [`ClusterEvent::PeerCaughtUp`] is due.
+    behind: bool,
     /// Descriptors to send, each with the byte offset in `out` of its Handoff frame.
     fds: VecDeque<(usize, OwnedFd)>,
     notify: Rc<Notify>,
@@ -78,6 +88,10 @@ pub struct MeshState {
     inbox: Rc<ClusterInbox>,
     /// Woken whenever join progress is made (see `MeshState::joined`).
     progress: Rc<Notify>,
+    /// By slot: the engine holds this peer's messages (a destination is behind), so its
+    /// inbound link is not read. Woken when a hold is released.
+    held: Vec<bool>,
+    hold_released: Rc<Notify>,
     dropped_forwards: u64,
 }
 
@@ -168,24 +182,42 @@ impl Cluster for EmbeddedCluster {
             .broadcast(&Frame::RouteRemove(route.clone()));
     }
 
-    fn forward(&mut self, to: NodeId, msg: &Message, plain: bool, shared: &[SharedTarget]) {
+    /// Queued whether or not the link is up: a peer that is restarting gets what was
+    /// queued for it on reconnecting (a successor holds it until it has imported the
+    /// sessions it is for); a peer that died has it discarded with its routes.
+    fn forward(&mut self, to: NodeId, msg: &Message, plain: bool, shared: &[SharedTarget]) -> bool {
         let mut state = self.state.borrow_mut();
         let Some(link) = state.links.get_mut(to.slot as usize) else {
-            return;
+            return false;
         };
-        if !link.connected || link.out.len() > MAX_OUTBOX {
+        let queued = link.out.len() + link.writing;
+        if queued > MAX_OUTBOX && msg.qos == QoS::AtMostOnce {
             state.dropped_forwards += 1;
             if state.dropped_forwards.is_power_of_two() {
                 tracing::warn!(
                     to = to.slot,
                     dropped = state.dropped_forwards,
-                    "peer not keeping up: forwards dropped"
+                    "peer not keeping up: QoS 0 forwards dropped"
                 );
             }
-            return;
+            return true;
         }
         wire::encode_publish(&mut link.out, plain, shared, msg, Instant::now());
         link.notify.notify_one();
+        if queued > BEHIND {
+            link.behind = true;
+        }
+        link.behind
+    }
+
+    fn hold_peer(&mut self, peer: NodeId, hold: bool) {
+        let mut state = self.state.borrow_mut();
+        if let Some(held) = state.held.get_mut(peer.slot as usize) {
+            *held = hold;
+        }
+        if !hold {
+            state.hold_released.notify_waiters();
+        }
     }
 
     fn retained(&mut self, msg: &Message) {
@@ -340,6 +372,8 @@ pub fn start(me: WorkerIdentity) -> std::io::Result<Backend> {
         barriers: Barriers::default(),
         inbox: inbox.clone(),
         progress: Rc::new(Notify::new()),
+        held: vec![false; count],
+        hold_released: Rc::new(Notify::new()),
         dropped_forwards: 0,
     }));
     let census = Census::open(&me.mesh_dir, me.index, me.count)
@@ -384,19 +418,26 @@ async fn run_link(peer: u16, state: Rc<RefCell<MeshState>>) {
             let mut st = state.borrow_mut();
             let index = st.me.index;
             let link = &mut st.links[peer as usize];
-            link.out.clear();
-            link.fds.clear();
             link.connected = true;
             link.peer_pid = peer_pid;
             let now = Instant::now();
+            // Hello first, then whatever was queued while the link was down (for a
+            // restarting peer: forwards it must not miss).
+            let mut out = BytesMut::new();
             wire::encode(
-                &mut link.out,
+                &mut out,
                 &Frame::Hello {
                     index,
                     pid: std::process::id(),
                 },
                 now,
             );
+            let shift = out.len();
+            out.extend_from_slice(&link.out);
+            link.out = out;
+            for (offset, _) in link.fds.iter_mut() {
+                *offset += shift;
+            }
             for (since, stream) in std::mem::take(&mut link.pending_handoffs) {
                 if now.duration_since(since) < HANDOFF_WAIT {
                     queue_handoff(link, stream, now);
@@ -415,8 +456,9 @@ async fn run_link(peer: u16, state: Rc<RefCell<MeshState>>) {
         let mut st = state.borrow_mut();
         let link = &mut st.links[peer as usize];
         link.connected = false;
-        link.out.clear();
-        link.fds.clear();
+        // What the writer had taken went to the old process (or with it); what is queued
+        // stays for the next one (see `forward`).
+        link.writing = 0;
         link.peer_pid = None;
     }
 }
@@ -435,6 +477,7 @@ async fn write_link(
             if !link.connected {
                 return Err(std::io::Error::other("link reset"));
             }
+            link.writing = link.out.len();
             (std::mem::take(&mut link.out), std::mem::take(&mut link.fds))
         };
         if out.is_empty() {
@@ -466,12 +509,18 @@ async fn write_link(
             // `fd` drops here: the peer has its own copy now.
         }
         write_all(stream, &out).await?;
-        // Give the emptied buffer back if nothing new arrived meanwhile (keeps its capacity).
         let mut st = state.borrow_mut();
         let link = &mut st.links[peer as usize];
+        link.writing = 0;
+        let caught_up = link.behind && link.out.len() < CAUGHT_UP;
+        // Give the emptied buffer back if nothing new arrived meanwhile (keeps its capacity).
         if link.out.is_empty() {
             out.clear();
             link.out = out;
+        }
+        if caught_up {
+            link.behind = false;
+            st.inbox.push(ClusterEvent::PeerCaughtUp(node(peer)));
         }
     }
 }
@@ -545,8 +594,27 @@ async fn read_link(stream: UnixStream, state: Rc<RefCell<MeshState>>) {
             };
             apply(frame, &mut peer, &mut pending_fds, &state);
         }
+        if let Some((slot, _)) = peer {
+            wait_while_held(slot, &state).await;
+        }
     }
     link_closed(peer, &state);
+}
+
+/// While the engine holds `slot`'s messages, its link is not read (the kernel's socket
+/// buffer fills, then the peer's outbox, and the peer pauses its publishers).
+async fn wait_while_held(slot: u16, state: &Rc<RefCell<MeshState>>) {
+    loop {
+        let released = state.borrow().hold_released.clone();
+        let notified = released.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a release in between is not missed.
+        notified.as_mut().enable();
+        if !state.borrow().held[slot as usize] {
+            return;
+        }
+        notified.await;
+    }
 }
 
 fn apply(
@@ -595,7 +663,12 @@ fn apply(
             st.progress.notify_waiters();
             return;
         }
-        Frame::Publish { plain, shared, msg } => ClusterEvent::Forwarded { msg, plain, shared },
+        Frame::Publish { plain, shared, msg } => ClusterEvent::Forwarded {
+            from,
+            msg,
+            plain,
+            shared,
+        },
         Frame::Retained(msg) => ClusterEvent::Retained(msg),
         Frame::RetainedEnd => {
             st.peers[slot as usize].retained_received = true;
@@ -636,6 +709,11 @@ fn link_closed(peer: Option<(u16, u32)>, state: &Rc<RefCell<MeshState>>) {
         return; // an older incarnation (or our predecessor); the current one is linked
     }
     st.peers[index as usize] = Peer::default();
+    // What was queued for it was for a process that is gone (its sessions with it).
+    let link = &mut st.links[index as usize];
+    link.out.clear();
+    link.fds.clear();
+    link.behind = false;
     let done = st.barriers.forget(node(index));
     st.inbox.push(ClusterEvent::PeerLeft(node(index)));
     for id in done {

@@ -87,8 +87,14 @@ pub trait Cluster {
     /// The last local subscription to `route` went away.
     fn route_removed(&mut self, route: &Route);
     /// Sends `msg` to worker `to`: for its plain subscriptions if `plain`, and to one member
-    /// of each listed shared group.
-    fn forward(&mut self, to: NodeId, msg: &Message, plain: bool, shared: &[SharedTarget]);
+    /// of each listed shared group. A QoS 1/2 message is never dropped (its publisher has
+    /// been or is about to be acknowledged). True when `to` is behind (what is queued for
+    /// it passed the backend's mark): the engine pauses the publisher until
+    /// [`ClusterEvent::PeerCaughtUp`].
+    fn forward(&mut self, to: NodeId, msg: &Message, plain: bool, shared: &[SharedTarget]) -> bool;
+    /// Stops (`hold`) or resumes taking messages from `peer`: a destination here is behind,
+    /// so the peer's queue for this worker grows and it pauses its own publishers.
+    fn hold_peer(&mut self, _peer: NodeId, _hold: bool) {}
     /// A retained message was set (or cleared, empty payload) on this worker.
     fn retained(&mut self, msg: &Message);
     /// Asks every peer to confirm it has applied everything sent so far. `None` when there
@@ -185,7 +191,15 @@ impl Cluster for Standalone {
     }
     fn route_added(&mut self, _route: &Route) {}
     fn route_removed(&mut self, _route: &Route) {}
-    fn forward(&mut self, _to: NodeId, _msg: &Message, _plain: bool, _shared: &[SharedTarget]) {}
+    fn forward(
+        &mut self,
+        _to: NodeId,
+        _msg: &Message,
+        _plain: bool,
+        _shared: &[SharedTarget],
+    ) -> bool {
+        false
+    }
     fn retained(&mut self, _msg: &Message) {}
     fn barrier(&mut self) -> Option<u64> {
         None

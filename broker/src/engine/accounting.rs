@@ -221,8 +221,9 @@ const SLOW_CONSUMER_TICKS: u8 = 2;
 
 impl Engine {
     /// The second step of the budget policy (the first, dropping QoS 0 to a client that is
-    /// not draining, is in `deliver`): a connection found over its budget at
-    /// `SLOW_CONSUMER_TICKS` ticks in a row cannot keep up. It is disconnected (v5: 0x97)
+    /// not draining, is in `deliver`): a connection found over its budget, having neither
+    /// taken output nor acknowledged a message since the tick before, at
+    /// `SLOW_CONSUMER_TICKS` ticks in a row has stopped reading. It is disconnected (v5: 0x97)
     /// and its queued messages stay with its session, as for any client that went away.
     pub(super) fn cut_slow_consumers(&mut self) {
         let budget = self.config.limits.connection_memory_budget;
@@ -233,7 +234,10 @@ impl Engine {
             let Some(session) = conn.session.and_then(|s| self.sessions.get(s)) else {
                 continue;
             };
-            if conn.is_closing() || held_by(conn, session) <= budget {
+            let progressed = std::mem::take(&mut conn.progressed);
+            if conn.is_closing() || held_by(conn, session) <= budget || progressed {
+                // Under budget, or over it but reading and acknowledging: a consumer that
+                // keeps up (its publishers are paused to its pace, see `flow.rs`).
                 conn.over_budget_ticks = 0;
                 continue;
             }

@@ -5,6 +5,7 @@
 use std::rc::Rc;
 use std::time::Instant;
 
+use super::flow::{Behind, Source};
 use super::Engine;
 use crate::cluster::ClusterEvent;
 use crate::model::{Message, NodeId, Route, SharedTarget};
@@ -22,9 +23,13 @@ impl Engine {
             ClusterEvent::PeerLeft(peer) => self.remove_peer(peer),
             ClusterEvent::RouteAdded { from, route } => self.remote_route(from, route, true),
             ClusterEvent::RouteRemoved { from, route } => self.remote_route(from, route, false),
-            ClusterEvent::Forwarded { msg, plain, shared } => {
-                self.deliver_forwarded(msg, plain, &shared, now)
-            }
+            ClusterEvent::Forwarded {
+                from,
+                msg,
+                plain,
+                shared,
+            } => self.deliver_forwarded(from, msg, plain, &shared, now),
+            ClusterEvent::PeerCaughtUp(peer) => self.caught_up(Behind::Peer(peer)),
             ClusterEvent::Retained(msg) => {
                 self.retained.set(Rc::new(msg));
             }
@@ -58,6 +63,8 @@ impl Engine {
     /// A peer is gone (or restarted): forget everything it had announced.
     fn remove_peer(&mut self, peer: NodeId) {
         self.worker_stats.remove(&peer);
+        // What was waiting for it to catch up will not get there through it any more.
+        self.caught_up(Behind::Peer(peer));
         let Some(routes) = self.remote_routes.remove(&peer) else {
             return;
         };
@@ -78,6 +85,7 @@ impl Engine {
     /// `plain`) and for one member of each listed shared group.
     fn deliver_forwarded(
         &mut self,
+        from: NodeId,
         msg: Message,
         plain: bool,
         shared: &[SharedTarget],
@@ -85,11 +93,12 @@ impl Engine {
     ) {
         self.stats.forwarded_in += 1;
         let msg = Rc::new(msg);
+        let source = Source::Peer(from);
         if plain {
-            self.deliver_to_plain_subscribers(&msg, now);
+            self.deliver_to_plain_subscribers(&msg, source, now);
         }
         for target in shared {
-            self.deliver_to_shared_group(&target.group, &target.filter, &msg, now);
+            self.deliver_to_shared_group(&target.group, &target.filter, &msg, source, now);
         }
     }
 

@@ -62,6 +62,17 @@ pub enum Admission {
     RateLimited,
 }
 
+/// A connection's input under backpressure (see `flow.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowState {
+    Reading,
+    /// Not read: a destination of its last PUBLISH is behind.
+    Paused,
+    /// The pause ended; the driver has yet to read it again
+    /// ([`super::Engine::take_read_resumed`]).
+    Resumed,
+}
+
 #[derive(Debug)]
 pub struct Conn {
     pub state: ConnState,
@@ -109,6 +120,11 @@ pub struct Conn {
     pub close_ticks: u8,
     /// Timer ticks in a row it was found over its memory budget (see `accounting.rs`).
     pub over_budget_ticks: u8,
+    /// Whether it is read, or waits for a destination its PUBLISH fed (see `flow.rs`).
+    pub flow: FlowState,
+    /// It acknowledged a message or took output since the last tick (a consumer keeping
+    /// up, however slowly, is not cut for its budget).
+    pub progressed: bool,
 }
 
 impl Conn {
@@ -143,6 +159,8 @@ impl Conn {
             held_acks: None,
             close_ticks: 0,
             over_budget_ticks: 0,
+            flow: FlowState::Reading,
+            progressed: false,
         }
     }
 

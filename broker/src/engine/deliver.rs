@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use super::accounting::over_budget;
 use super::conn::{Conn, MAX_PENDING_OUTPUT};
+use super::flow::{Behind, Source};
 use super::publish::is_empty_props;
 use super::session::{Inflight, InflightState, Queued, Session};
 use super::stats::Stats;
@@ -20,17 +21,20 @@ use crate::protocol::{
 
 impl Engine {
     /// Sends `msg` to session `skey` now if its connection and window allow, else queues it.
+    /// A session that is online and behind makes `source` wait for it (see `flow.rs`).
     pub(super) fn deliver(
         &mut self,
         skey: SessionKey,
         msg: &Rc<Message>,
         delivery: Delivery,
+        source: Source,
         now: Instant,
     ) {
         if msg.is_expired(now) {
             self.stats.dropped_expired += 1;
             return;
         }
+        let behind_mark = self.behind_mark();
         let session = &mut self.sessions[skey];
         let window = self.config.limits.max_inflight;
         let budget = self.config.limits.connection_memory_budget;
@@ -38,6 +42,7 @@ impl Engine {
             .conn
             .map(|ckey| &mut self.conns[ckey])
             .filter(|conn| !conn.is_closing());
+        let online = conn.is_some();
         if let Some(conn) = conn {
             if delivery.qos == 0 {
                 if conn.out.len() > MAX_PENDING_OUTPUT {
@@ -55,14 +60,18 @@ impl Engine {
                 start_inflight(conn, session, msg.clone(), delivery, now, &mut self.stats);
                 return;
             }
-            // QoS 1/2 past the window queue (bounded by max_queued_messages). A client that
-            // stays over its budget is disconnected by the tick (`cut_slow_consumers`): a
-            // burst (retained messages on SUBSCRIBE, a reconnect) may exceed it briefly.
+            // QoS 1/2 past the window queue. Behind, the session pauses its source (see
+            // `flow.rs`). A client that stays over its budget without making progress is
+            // disconnected by the tick (`cut_slow_consumers`).
         } else if delivery.qos == 0 {
             // QoS 0 is not kept for offline clients (as Mosquitto's default).
             return;
         }
-        if session.queue.len() >= self.config.limits.max_queued_messages {
+        // An online session's queue is bounded by backpressure, not by dropping what the
+        // publisher was (or is about to be) acknowledged. The limit drops messages for an
+        // offline session, and broker-originated ones (nobody to pause).
+        let pausable = online && source != Source::Broker;
+        if session.queue.len() >= self.config.limits.max_queued_messages && !pausable {
             self.stats.dropped_queue_full += 1;
             if self.stats.dropped_queue_full.is_power_of_two() {
                 tracing::warn!(client_id = %session.client_id, dropped = self.stats.dropped_queue_full, "session queue full: messages dropped");
@@ -73,6 +82,9 @@ impl Engine {
             msg: msg.clone(),
             delivery,
         });
+        if online && session.queue.len() >= behind_mark {
+            self.wait_for(source, Behind::Session(skey));
+        }
     }
 
     /// After (re)connecting: resend what is inflight (PUBLISH with DUP, or PUBREL), then
@@ -120,6 +132,7 @@ impl Engine {
             }
             start_inflight(conn, session, q.msg, q.delivery, now, &mut self.stats);
         }
+        self.session_progressed(skey);
     }
 
     pub(super) fn handle_puback(&mut self, key: ConnKey, pkid: u16, now: Instant) {
@@ -141,6 +154,7 @@ impl Engine {
         let Some(skey) = self.conns[key].session else {
             return;
         };
+        self.conns[key].progressed = true;
         let session = &mut self.sessions[skey];
         match session.inflight_position(pkid) {
             Some(pos) if session.inflight[pos].state == expected => {

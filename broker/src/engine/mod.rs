@@ -18,6 +18,7 @@ mod conn;
 mod connect;
 mod deliver;
 mod drivers;
+mod flow;
 mod gauges;
 mod handover;
 mod publish;
@@ -50,6 +51,9 @@ use crate::router::RetainedStore;
 use crate::router::{RouteTable, SharedGroups, SubscriptionIndex};
 use drivers::DriverSlot;
 use subscribe::ParkedSubAck;
+
+/// How often a driver re-checks a connection paused for backpressure if nothing woke it.
+const FLOW_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Ticks a closing connection may spend flushing before it is dropped regardless.
 const ABORT_AFTER_TICKS: u8 = 3;
@@ -101,6 +105,8 @@ pub struct Engine {
     /// This process's resident memory as last measured by the worker (bytes).
     resident_bytes: u64,
     next_assigned_id: u64,
+    /// Sources paused for destinations that are behind (see `flow.rs`).
+    waiters: flow::Waiters,
     /// Reused on every PUBLISH to collect matching subscriptions without allocating.
     match_scratch: Vec<(SessionKey, topic_trie::SubscriptionOptions)>,
     pub stats: Stats,
@@ -140,6 +146,7 @@ impl Engine {
             connect_limiter,
             resident_bytes: 0,
             next_assigned_id: 0,
+            waiters: flow::Waiters::default(),
             match_scratch: Vec::new(),
             stats: Stats::default(),
         }
@@ -154,6 +161,11 @@ impl Engine {
     pub fn read_paused_until(&mut self, key: ConnKey, now: Instant) -> Option<Instant> {
         let now_ms = self.millis(now);
         let conn = self.conns.get_mut(key)?;
+        if conn.flow == conn::FlowState::Paused {
+            // Until the destination catches up, which wakes the connection; the time is
+            // only the driver's safety net.
+            return Some(now + FLOW_RECHECK);
+        }
         if conn.paused_until_ms == 0 {
             return None;
         }
@@ -256,8 +268,11 @@ impl Engine {
                     self.stats.packets_received += 1;
                     self.conns[key].last_packet_at = now;
                     self.handle_packet(key, packet, now);
-                    if self.conns.get(key).is_some_and(|c| c.paused_until_ms != 0) {
-                        // Throttled: the rest waits (as a partial packet) for the pause to end.
+                    if self.conns.get(key).is_some_and(|c| {
+                        c.paused_until_ms != 0 || c.flow == conn::FlowState::Paused
+                    }) {
+                        // Throttled or waiting for a destination: the rest waits (as a
+                        // partial packet) for the pause to end.
                         break;
                     }
                 }
@@ -363,6 +378,7 @@ impl Engine {
     pub fn output_flushed(&mut self, key: ConnKey, bytes: usize) {
         self.stats.bytes_sent += bytes as u64;
         if let Some(conn) = self.conns.get_mut(key) {
+            conn.progressed |= bytes > 0;
             conn.backlogged = !conn.out.is_empty();
             if !conn.backlogged {
                 conn.out = BytesMut::new();
@@ -501,6 +517,9 @@ impl Engine {
         if !abnormal {
             session.will = None;
         }
+        // Offline, its queue limit applies again: nobody waits for it any more.
+        self.session_progressed(skey);
+        let session = &mut self.sessions[skey];
         if session.expiry_secs == 0 {
             // The session ends with the connection: the will (if due) goes out now.
             self.discard_session(skey, now);
@@ -526,6 +545,7 @@ impl Engine {
     /// Removes a session and its subscriptions; a will still pending is published first
     /// (the session's end is one of the two moments a delayed will is due).
     fn discard_session(&mut self, skey: SessionKey, now: Instant) {
+        self.caught_up(flow::Behind::Session(skey));
         let session = self.sessions.remove(skey);
         if self.client_ids.get(&session.client_id) == Some(&skey) {
             self.client_ids.remove(&session.client_id);

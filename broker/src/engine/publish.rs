@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::conn::HeldAcks;
+use super::flow::{Behind, Source};
 use super::rate::Rate;
 use super::{ConnKey, Engine};
 use crate::config::{Limits, RateLimitAction};
@@ -208,7 +209,7 @@ impl Engine {
         if msg.retain {
             self.store_retained(&msg);
         }
-        self.route(&msg, now);
+        self.route(&msg, Source::Client(key), now);
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
@@ -307,14 +308,15 @@ impl Engine {
         if msg.retain {
             self.store_retained(&msg);
         }
-        self.route(&msg, now);
+        self.route(&msg, Source::Broker, now);
     }
 
     /// Delivers `msg` to the local sessions that subscribe to it, and forwards it to the
     /// workers that have matching routes: each such worker gets it once, for its plain
     /// subscriptions and for the shared groups the route table picked it to serve.
-    pub(super) fn route(&mut self, msg: &Rc<Message>, now: Instant) {
-        self.deliver_to_plain_subscribers(msg, now);
+    /// `source` waits if a destination is behind (see `flow.rs`).
+    pub(super) fn route(&mut self, msg: &Rc<Message>, source: Source, now: Instant) {
+        self.deliver_to_plain_subscribers(msg, source, now);
         let mut plain_workers = std::mem::take(&mut self.plain_worker_scratch);
         let mut shared = std::mem::take(&mut self.shared_target_scratch);
         plain_workers.clear();
@@ -327,7 +329,7 @@ impl Engine {
                 RouteKind::Shared(target) => shared.push((worker, target.clone())),
             });
         for (_, target) in shared.iter().filter(|(w, _)| *w == me) {
-            self.deliver_to_shared_group(&target.group, &target.filter, msg, now);
+            self.deliver_to_shared_group(&target.group, &target.filter, msg, source, now);
         }
         shared.retain(|(w, _)| *w != me);
         plain_workers.sort_unstable();
@@ -336,7 +338,9 @@ impl Engine {
             // The common case: plain routes only, one frame per worker, nothing allocated.
             for &worker in &plain_workers {
                 self.stats.forwarded += 1;
-                self.cluster.forward(worker, msg, true, &[]);
+                if self.cluster.forward(worker, msg, true, &[]) {
+                    self.wait_for(source, Behind::Peer(worker));
+                }
             }
         } else {
             let mut workers: Vec<NodeId> = plain_workers
@@ -354,7 +358,9 @@ impl Engine {
                     .map(|(_, target)| target.clone())
                     .collect();
                 self.stats.forwarded += 1;
-                self.cluster.forward(worker, msg, plain, &groups);
+                if self.cluster.forward(worker, msg, plain, &groups) {
+                    self.wait_for(source, Behind::Peer(worker));
+                }
             }
         }
         self.plain_worker_scratch = plain_workers;
@@ -363,7 +369,12 @@ impl Engine {
 
     /// Local plain subscriptions: once per session, overlapping subscriptions merged
     /// (highest QoS, every subscription identifier).
-    pub(super) fn deliver_to_plain_subscribers(&mut self, msg: &Rc<Message>, now: Instant) {
+    pub(super) fn deliver_to_plain_subscribers(
+        &mut self,
+        msg: &Rc<Message>,
+        source: Source,
+        now: Instant,
+    ) {
         let mut matches = std::mem::take(&mut self.match_scratch);
         matches.clear();
         self.subscriptions
@@ -388,7 +399,7 @@ impl Engine {
                 }
             }
             if wanted {
-                self.deliver(skey, msg, delivery, now);
+                self.deliver(skey, msg, delivery, source, now);
             }
         }
         self.match_scratch = matches;
@@ -400,6 +411,7 @@ impl Engine {
         group: &str,
         filter: &str,
         msg: &Rc<Message>,
+        source: Source,
         now: Instant,
     ) {
         let Some((skey, opts)) = self.shared.pick(group, filter) else {
@@ -410,7 +422,7 @@ impl Engine {
             retain: opts.retain_as_published && msg.retain,
             subscription_ids: opts.subscription_id.into_iter().collect(),
         };
-        self.deliver(skey, msg, delivery, now);
+        self.deliver(skey, msg, delivery, source, now);
     }
 
     pub(super) fn handle_pubrel(&mut self, key: ConnKey, pkid: u16) {

@@ -82,6 +82,8 @@ pub struct Session {
     /// come and go so budget checks on the delivery path cost nothing.
     pub held_bytes: usize,
     next_pkid: u16,
+    /// Sources are paused until this session catches up (see `flow.rs`).
+    pub waited_for: bool,
     /// Packet ids of incoming QoS 2 PUBLISHes awaiting PUBREL (their PUBREC was sent).
     pub incoming_qos2: Vec<u16>,
 }
@@ -100,6 +102,7 @@ impl Session {
             queue: VecDeque::new(),
             held_bytes: 0,
             next_pkid: 0,
+            waited_for: false,
             incoming_qos2: Vec::new(),
         }
     }

@@ -50,6 +50,10 @@ pub struct Stats {
     pub rate_limit_disconnects: u64,
     /// Clients refused for their credentials (no authentication yet: always 0).
     pub auth_failures: u64,
+    /// Times a client was paused because a destination of its PUBLISH was behind.
+    pub publishers_paused: u64,
+    /// Times a peer's link was held because a destination of its messages was behind.
+    pub peer_links_held: u64,
     /// Messages for other workers dropped at a full (64 MiB) or disconnected mesh link;
     /// copied from the cluster backend when metrics are taken.
     pub dropped_mesh_backlog: u64,

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use topic_trie::{SubscriptionFilter, SubscriptionOptions};
 
+use super::flow::Source;
 use super::{ConnKey, Engine};
 use crate::model::Route;
 use crate::model::{Delivery, Message, SessionKey};
@@ -205,7 +206,7 @@ impl Engine {
             self.conns[parked.conn].send(packet);
         }
         for (msg, delivery) in retained {
-            self.deliver(skey, &msg, delivery, now);
+            self.deliver(skey, &msg, delivery, Source::Broker, now);
         }
     }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::flow::Source;
 use super::{ConnState, Engine, Message};
 use crate::model::WorkerStats;
 use crate::protocol::QoS;
@@ -136,7 +137,7 @@ impl Engine {
                 origin: None,
             });
             self.store_retained(&msg);
-            self.route(&msg, now);
+            self.route(&msg, Source::Broker, now);
         }
     }
 }

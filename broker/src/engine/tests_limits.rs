@@ -202,9 +202,12 @@ fn slow_qos1_consumer_is_disconnected_and_its_messages_wait_in_the_session() {
     for pkid in 1..=sent {
         publish_payload(&mut h, publisher, "t", QoS::AtLeastOnce, pkid, 200);
     }
-    // Over its budget (two inflight, the rest queued), but a burst may pass: one tick is
-    // a grace period, the second finds it still over and cuts it off.
+    // Over its budget (two inflight, the rest queued). The first tick sees it took its
+    // two messages (progress); the next finds it over budget with no progress, a grace
+    // period for a burst; the third, still none: it is cut off.
     assert!(session_of(&h, sub).held_bytes > 2048);
+    h.advance(1);
+    assert!(!h.engine.is_closing(sub));
     h.advance(1);
     assert!(!h.engine.is_closing(sub));
     h.advance(1);
@@ -403,4 +406,96 @@ fn publish_rate_disconnect_closes_with_0x96() {
         other => panic!("expected DISCONNECT 0x96, got {other:?}"),
     }
     assert_eq!(h.engine.stats.rate_limit_disconnects, 1);
+}
+
+/// Many PUBLISHes in one read, `count` of them, QoS 1 to topic `t`.
+fn pipelined_publishes(count: u16) -> BytesMut {
+    let mut bytes = BytesMut::new();
+    for pkid in 1..=count {
+        let mut p = Publish::new("t", QoS::AtLeastOnce, Bytes::from_static(b"x"), None);
+        p.pkid = pkid;
+        Packet::Publish(p).write(&mut bytes, None).unwrap();
+    }
+    bytes
+}
+
+/// Acknowledges every PUBLISH `key` received since the last call; how many there were.
+fn ack_all(h: &mut Harness, key: ConnKey) -> usize {
+    let got = h.received(key);
+    let ids: Vec<u16> = publishes(&got).iter().map(|p| p.pkid).collect();
+    for &pkid in &ids {
+        puback(h, key, pkid);
+    }
+    ids.len()
+}
+
+#[test]
+fn publisher_faster_than_its_subscriber_is_paused_and_nothing_is_dropped() {
+    let mut config = Config::default();
+    config.limits.max_inflight = 2;
+    config.limits.max_queued_messages = 8;
+    let mut h = harness(config);
+    let sub = h.connect("s", true, 0, None);
+    h.subscribe(sub, "t", QoS::AtLeastOnce);
+    let publisher = h.connect("p", true, 0, None);
+    let sent = 100;
+    let mut bytes = pipelined_publishes(sent);
+    h.engine.handle_read(publisher, &mut bytes, h.now);
+    // Two inflight, then the queue up to half its limit: the subscriber is behind, so the
+    // publisher is not read further; the rest of its bytes wait unread.
+    assert_eq!(session_of(&h, sub).queue.len(), 4);
+    assert!(h.engine.read_paused_until(publisher, h.now).is_some());
+    assert_eq!(
+        h.received(publisher).len(),
+        6,
+        "acknowledged: what was routed"
+    );
+    let mut delivered = 0;
+    let mut rounds = 0;
+    while delivered < usize::from(sent) {
+        rounds += 1;
+        assert!(rounds < 1000, "stalled at {delivered}");
+        delivered += ack_all(&mut h, sub);
+        if h.engine.take_read_resumed(publisher) {
+            assert!(h.engine.read_paused_until(publisher, h.now).is_none());
+            let mut scratch = BytesMut::new();
+            h.engine.prepare_read(publisher, &mut scratch);
+            h.engine.handle_read(publisher, &mut scratch, h.now);
+        }
+        assert!(session_of(&h, sub).queue.len() <= 5, "bounded by the mark");
+    }
+    assert_eq!(delivered, usize::from(sent));
+    assert_eq!(h.engine.stats.dropped_queue_full, 0);
+    assert!(h.engine.stats.publishers_paused > 0);
+    let acks = h.received(publisher).len() + 6;
+    assert_eq!(acks, usize::from(sent));
+}
+
+#[test]
+fn paused_publisher_is_released_when_its_subscriber_goes_offline() {
+    let mut config = Config::default();
+    config.limits.max_inflight = 1;
+    config.limits.max_queued_messages = 4;
+    let mut h = harness(config);
+    let sub = h.connect("s", false, 60, None);
+    h.subscribe(sub, "t", QoS::AtLeastOnce);
+    let publisher = h.connect("p", true, 0, None);
+    let mut bytes = pipelined_publishes(10);
+    h.engine.handle_read(publisher, &mut bytes, h.now);
+    assert!(h.engine.read_paused_until(publisher, h.now).is_some());
+    h.engine.connection_lost(sub, h.now);
+    // Offline, the session's queue limit applies: the publisher goes on, and what does
+    // not fit is dropped and counted (the documented offline policy).
+    assert!(h.engine.take_read_resumed(publisher));
+    let mut scratch = BytesMut::new();
+    h.engine.prepare_read(publisher, &mut scratch);
+    h.engine.handle_read(publisher, &mut scratch, h.now);
+    assert!(h.engine.read_paused_until(publisher, h.now).is_none());
+    assert_eq!(h.received(publisher).len(), 10);
+    let dropped = h.engine.stats.dropped_queue_full;
+    assert_eq!(
+        dropped,
+        10 - 1 - 4,
+        "one inflight, four queued, the rest dropped"
+    );
 }

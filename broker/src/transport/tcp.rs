@@ -366,6 +366,10 @@ impl TcpReactor {
             dirty.dedup();
             for key in dirty.drain(..) {
                 self.flush(key);
+                if self.engine.borrow_mut().take_read_resumed(key) {
+                    // Its pause for a destination that was behind ended: read what waited.
+                    self.unfinished_reads.push(key);
+                }
             }
         }
         self.dirty = dirty;
