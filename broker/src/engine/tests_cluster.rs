@@ -756,3 +756,46 @@ fn client_of_an_absent_worker_waits_for_its_successor() {
         "the successor adopts the waiting connection"
     );
 }
+
+#[test]
+fn session_behind_holds_the_peer_link_until_it_catches_up_and_drops_nothing() {
+    let mut w = Workers {
+        config: {
+            let mut c = Config::default();
+            c.limits.max_inflight = 1;
+            c.limits.max_queued_messages = 4;
+            c
+        },
+        ..Workers::new(0)
+    };
+    for i in 0..2 {
+        let node = w.start(NodeId::local(i));
+        w.nodes.push(Some(node));
+    }
+    w.settle();
+    let sub = w.connect(1, "sub");
+    w.subscribe(1, sub, "t", QoS::AtLeastOnce);
+    let publisher = w.connect(0, "pub");
+    for pkid in 1..=10 {
+        w.publish(0, publisher, "t", &pkid.to_string(), QoS::AtLeastOnce, pkid);
+    }
+    w.settle();
+    // One inflight, the queue past half its limit: node 1 holds node 0's link (a mesh
+    // stops reading it) instead of dropping what node 0 acknowledged.
+    let (n0, n1) = (w.id(0), w.id(1));
+    assert!(w.net.borrow().held.contains(&(n1, n0)));
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        let packets = w.node(1).received(sub);
+        for p in publishes(&packets) {
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+            let ack = PubAck::new(p.pkid, None);
+            w.node(1).send(sub, Packet::PubAck(ack));
+        }
+    }
+    let expected: Vec<String> = (1..=10).map(|n: u16| n.to_string()).collect();
+    assert_eq!(got, expected, "every acknowledged message, in order");
+    assert!(w.net.borrow().held.is_empty(), "released once it caught up");
+    assert_eq!(w.node(1).engine.stats.dropped_queue_full, 0);
+    assert!(w.node(1).engine.stats.peer_links_held > 0);
+}
