@@ -62,7 +62,7 @@ impl Default for ClusterConfig {
             backend: ClusterBackend::Embedded,
             workers: 0,
             pin_cores: true,
-            drain_timeout_secs: 10,
+            drain_timeout_secs: 30,
             mesh_dir: String::new(),
         }
     }

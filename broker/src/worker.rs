@@ -21,8 +21,10 @@ use crate::engine::Engine;
 use crate::transport::quic;
 use crate::transport::tcp::TcpReactor;
 
-/// How long a draining worker may spend handing its sessions to its successor.
-const HANDOVER_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a draining worker may spend handing its sessions to its successor (and
+/// flushing what it queued for its peers). Within `cluster.drain_timeout_secs`, after
+/// which the supervisor kills it.
+const HANDOVER_DEADLINE: Duration = Duration::from_secs(20);
 
 /// Sockets the supervisor owns for this worker's slot: they outlive this process, so
 /// connections queued on them during a restart wait for the successor instead of being
@@ -36,6 +38,7 @@ pub struct Inherited {
 
 pub struct Worker {
     tcp: std::net::TcpListener,
+    inbox: Rc<ClusterInbox>,
     /// MQTT over QUIC, when `quic.enabled`.
     quic: Option<quic::Driver>,
     engine: Rc<RefCell<Engine>>,
@@ -56,6 +59,10 @@ impl Worker {
         let backend = cluster::build(&config, identity).context("starting the cluster backend")?;
         let config = Rc::new(config);
         let engine = Rc::new(RefCell::new(Engine::new(config.clone(), backend.cluster)));
+        if backend.lifecycle.has_predecessor() {
+            // Forwards for sessions still in the old process wait until they are in.
+            engine.borrow_mut().begin_takeover();
+        }
         tokio::task::spawn_local(feed_cluster_events(backend.inbox.clone(), engine.clone()));
         let tcp = match inherited.tcp {
             Some(listener) => listener,
@@ -77,6 +84,7 @@ impl Worker {
         apply_cluster_events(&backend.inbox, &engine, &mut Vec::new());
         Ok(Worker {
             tcp,
+            inbox: backend.inbox,
             quic,
             engine,
             lifecycle: backend.lifecycle,
@@ -109,6 +117,12 @@ impl Worker {
 
     /// Serves until `shutdown` resolves, then disconnects every client and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        // Ready means bound and joined, so the supervisor drains the process this one
+        // replaces; its sessions come next, and no client is served before they are in
+        // (connections wait in the listen queue, handed-over ones in the engine).
+        self.lifecycle.take_over().await;
+        apply_cluster_events(&self.inbox, &self.engine, &mut Vec::new());
+        self.engine.borrow_mut().end_takeover(Instant::now());
         let ticker = tokio::task::spawn_local(run_timers(self.engine.clone()));
         let quic = self
             .quic
@@ -127,7 +141,12 @@ impl Worker {
             quic.drain().await;
         }
         let engine = self.engine.clone();
-        let export = Box::new(move || engine.borrow_mut().export_sessions(Instant::now()));
+        let inbox = self.inbox.clone();
+        let export = Box::new(move || {
+            // What peers sent before switching to the successor goes with the sessions.
+            apply_cluster_events(&inbox, &engine, &mut Vec::new());
+            engine.borrow_mut().export_sessions(Instant::now())
+        });
         let handover = self.lifecycle.hand_over_sessions(export);
         if tokio::time::timeout(HANDOVER_DEADLINE, handover)
             .await

@@ -14,8 +14,15 @@ pub enum ClusterEvent {
     /// A peer is reachable (first time, or again after a restart): it needs this worker's
     /// routes and the retained messages (answered with [`super::Cluster::sync_peer`]).
     PeerJoined(NodeId),
-    /// A peer is gone, or a new process replaced it: forget everything it announced.
+    /// A peer is gone (its process died): forget everything it announced.
     PeerLeft(NodeId),
+    /// A new process took a peer's place (a rolling restart, or a restart after a crash).
+    /// What the old one announced stays until the new one is [`ClusterEvent::PeerSettled`]:
+    /// its sessions are on their way to it, and messages for them must keep coming.
+    PeerReplaced(NodeId),
+    /// The new process has imported its predecessor's sessions and re-announced their
+    /// routes: the predecessor's routes it did not re-announce are gone.
+    PeerSettled(NodeId),
     RouteAdded {
         from: NodeId,
         route: Route,
@@ -53,6 +60,9 @@ pub enum ClusterEvent {
     },
     /// A persistent session handed over by this slot's previous process.
     SessionImported(Box<SessionImage>),
+    /// More queued and inflight messages of the session imported last (a large session
+    /// comes in several parts).
+    SessionContinued(Box<SessionImage>),
 }
 
 /// The queue of events from a backend to the worker's engine. Single-threaded: the

@@ -37,6 +37,8 @@ pub struct LoopbackNet {
     pending_handoffs: Vec<(NodeId, HandedStream)>,
     /// Messages forwarded, counted for tests.
     pub forwarded: u64,
+    /// By node: the number of its processes so far (the latest is the current one).
+    incarnations: BTreeMap<NodeId, u64>,
     /// (holder, peer): `holder` takes no more messages from `peer` (a destination of its
     /// is behind). Recorded for tests; delivery here does not stop.
     pub held: BTreeSet<(NodeId, NodeId)>,
@@ -57,6 +59,11 @@ impl LoopbackNet {
             inbox.push(ClusterEvent::PeerJoined(other));
         }
         n.membership.insert(node);
+        let incarnation = {
+            let count = n.incarnations.entry(node).or_insert(0);
+            *count += 1;
+            *count
+        };
         let (waiting, others) = std::mem::take(&mut n.pending_handoffs)
             .into_iter()
             .partition(|(to, _)| *to == node);
@@ -76,6 +83,7 @@ impl LoopbackNet {
             cluster: Box::new(LoopbackCluster {
                 net: net.clone(),
                 me: node,
+                incarnation,
             }),
             inbox,
             lifecycle: Box::new(LoopbackLifecycle {
@@ -83,6 +91,20 @@ impl LoopbackNet {
                 me: node,
             }),
         }
+    }
+
+    /// A new process for `node` while the old one still runs (a rolling restart): its
+    /// peers hear [`ClusterEvent::PeerReplaced`] (keeping its routes until it settles),
+    /// then it joins. The old process's withdrawals are ignored from now on, as the mesh
+    /// ignores a superseded process's.
+    pub fn replace(net: &Rc<RefCell<LoopbackNet>>, node: NodeId) -> Backend {
+        {
+            let n = net.borrow();
+            for (_, member) in n.peers_of(node) {
+                member.inbox.push(ClusterEvent::PeerReplaced(node));
+            }
+        }
+        LoopbackNet::join(net, node)
     }
 
     /// `node` is gone (its process died, or it was replaced): every other member hears
@@ -138,6 +160,15 @@ impl LoopbackNet {
 pub struct LoopbackCluster {
     net: Rc<RefCell<LoopbackNet>>,
     me: NodeId,
+    /// Which process of `me` this is (a replacement is a newer one).
+    incarnation: u64,
+}
+
+impl LoopbackCluster {
+    /// A newer process replaced this one (it is draining).
+    fn superseded(&self) -> bool {
+        self.net.borrow().incarnations.get(&self.me) != Some(&self.incarnation)
+    }
 }
 
 impl Cluster for LoopbackCluster {
@@ -178,7 +209,17 @@ impl Cluster for LoopbackCluster {
         }
     }
 
+    fn settled(&mut self) {
+        let net = self.net.borrow();
+        for (_, m) in net.peers_of(self.me) {
+            m.inbox.push(ClusterEvent::PeerSettled(self.me));
+        }
+    }
+
     fn route_removed(&mut self, route: &Route) {
+        if self.superseded() {
+            return;
+        }
         let net = self.net.borrow();
         for (_, m) in net.peers_of(self.me) {
             m.inbox.push(ClusterEvent::RouteRemoved {

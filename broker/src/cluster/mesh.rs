@@ -43,6 +43,16 @@ const CAUGHT_UP: usize = 1024 * 1024;
 const MAX_OUTBOX: usize = 64 * 1024 * 1024;
 /// How long a worker waits for its peers when it starts.
 const JOIN_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a replacement waits for its predecessor's sessions (the predecessor first
+/// drains its clients, which has a deadline of its own).
+const TAKEOVER_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a draining worker waits for its peers to switch their links to its successor
+/// (so it has received every message they sent it), and then for its own outboxes to be
+/// written.
+const SWITCH_DEADLINE: Duration = Duration::from_secs(3);
+/// Bytes of messages per session frame in a handover (a session may hold far more than a
+/// frame may carry).
+const SESSION_CHUNK: usize = 8 * 1024 * 1024;
 
 pub fn socket_path(dir: &Path, index: u16) -> PathBuf {
     dir.join(format!("w{index}.sock"))
@@ -70,6 +80,15 @@ struct Link {
 /// How long a connection may wait for the worker owning its client id to be reachable.
 const HANDOFF_WAIT: Duration = Duration::from_secs(5);
 
+/// The process this one replaces (a rolling restart), while its sessions are expected.
+struct Predecessor {
+    pid: u32,
+    /// Its handover link is open.
+    linked: bool,
+    /// Its sessions are all in (its `HandoverEnd`), or its link closed.
+    done: bool,
+}
+
 /// What each side of the mesh knows about a peer.
 #[derive(Default)]
 struct Peer {
@@ -92,6 +111,9 @@ pub struct MeshState {
     /// inbound link is not read. Woken when a hold is released.
     held: Vec<bool>,
     hold_released: Rc<Notify>,
+    /// By slot: inbound links open from that peer's processes.
+    inbound: Vec<u32>,
+    predecessor: Option<Predecessor>,
     dropped_forwards: u64,
 }
 
@@ -348,12 +370,86 @@ impl Lifecycle for MeshLifecycle {
         })
     }
 
+    fn has_predecessor(&self) -> bool {
+        self.state.borrow().predecessor.is_some()
+    }
+
+    fn take_over(&self) -> LocalFuture<'_, ()> {
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + TAKEOVER_DEADLINE;
+            loop {
+                let progress = self.state.borrow().progress.clone();
+                let notified = progress.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                {
+                    let st = self.state.borrow();
+                    let Some(pred) = &st.predecessor else {
+                        return;
+                    };
+                    // Gone without having connected (killed, crashed): nothing will come.
+                    let alive = unsafe { libc::kill(pred.pid as i32, 0) } == 0;
+                    if pred.done || (!pred.linked && !alive) {
+                        return;
+                    }
+                }
+                let check = tokio::time::Instant::now() + Duration::from_millis(100);
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep_until(check.min(deadline)) => {}
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!("predecessor's sessions did not arrive within {TAKEOVER_DEADLINE:?}; serving without them");
+                    return;
+                }
+            }
+        })
+    }
+
     fn hand_over_sessions<'a>(
         &'a self,
         export: Box<dyn FnOnce() -> Vec<SessionImage> + 'a>,
     ) -> LocalFuture<'a, ()> {
-        let me = self.state.borrow().me.clone();
-        Box::pin(async move { hand_over_sessions(&me, export).await })
+        Box::pin(async move {
+            let me = self.state.borrow().me.clone();
+            // Every message a peer sent here before switching to the successor is in (the
+            // export takes the sessions with them).
+            wait_until(&self.state, SWITCH_DEADLINE, |st| {
+                st.inbound.iter().all(|&n| n == 0)
+            })
+            .await;
+            hand_over_sessions(&me, export).await;
+            // Messages this worker forwarded (and acknowledged to their publishers) leave
+            // before it exits.
+            let flushed = wait_until(&self.state, SWITCH_DEADLINE, |st| {
+                st.links
+                    .iter()
+                    .all(|l| !l.connected || (l.out.is_empty() && l.writing == 0))
+            })
+            .await;
+            if !flushed {
+                tracing::warn!("exiting with messages for peers still unsent");
+            }
+        })
+    }
+}
+
+/// Polls `done` on the mesh state until it holds or `deadline` passes; whether it held.
+/// (For the drain only: the states waited for have no event of their own.)
+async fn wait_until(
+    state: &Rc<RefCell<MeshState>>,
+    deadline: Duration,
+    done: impl Fn(&MeshState) -> bool,
+) -> bool {
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if done(&state.borrow()) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -361,6 +457,20 @@ impl Lifecycle for MeshLifecycle {
 /// inside the worker's `LocalSet`. [`Lifecycle::ready`] then waits for the peers.
 pub fn start(me: WorkerIdentity) -> std::io::Result<Backend> {
     let path = socket_path(&me.mesh_dir, me.index);
+    // A process still listening there is the one this one replaces: it hands its sessions
+    // over once it has drained.
+    let predecessor = std::os::unix::net::UnixStream::connect(&path)
+        .and_then(|probe| {
+            probe.set_nonblocking(true)?;
+            UnixStream::from_std(probe)?.peer_cred()
+        })
+        .ok()
+        .and_then(|cred| cred.pid())
+        .map(|pid| Predecessor {
+            pid: pid as u32,
+            linked: false,
+            done: false,
+        });
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     let count = me.count as usize;
@@ -374,6 +484,8 @@ pub fn start(me: WorkerIdentity) -> std::io::Result<Backend> {
         progress: Rc::new(Notify::new()),
         held: vec![false; count],
         hold_released: Rc::new(Notify::new()),
+        inbound: vec![0; count],
+        predecessor,
         dropped_forwards: 0,
     }));
     let census = Census::open(&me.mesh_dir, me.index, me.count)
@@ -628,6 +740,9 @@ fn apply(
         if index == st.me.index {
             // Our predecessor (rolling restart), about to hand over its sessions.
             *peer = Some((index, pid));
+            if let Some(pred) = &mut st.predecessor {
+                pred.linked = true;
+            }
             return;
         }
         if index >= st.me.count {
@@ -635,8 +750,12 @@ fn apply(
             return;
         }
         *peer = Some((index, pid));
-        // A new incarnation: forget what the previous one announced.
-        st.inbox.push(ClusterEvent::PeerLeft(node(index)));
+        st.inbound[index as usize] += 1;
+        if st.peers[index as usize].pid == Some(pid) {
+            return;
+        }
+        // A new incarnation: what the previous one announced stays until it settles.
+        st.inbox.push(ClusterEvent::PeerReplaced(node(index)));
         let known = &mut st.peers[index as usize];
         known.pid = Some(pid);
         known.routes_received = false;
@@ -649,14 +768,18 @@ fn apply(
         }
         return;
     }
-    let Some((slot, _)) = *peer else {
+    let Some((slot, pid)) = *peer else {
         tracing::error!("mesh frame before Hello");
         return;
     };
     let from = node(slot);
+    // A process a newer one replaced (draining): its withdrawals are its sessions leaving
+    // for the successor, not subscriptions ending.
+    let superseded = slot != st.me.index && st.peers[slot as usize].pid != Some(pid);
     let event = match frame {
         Frame::Hello { .. } => return,
         Frame::RouteAdd(route) => ClusterEvent::RouteAdded { from, route },
+        Frame::RouteRemove(_) if superseded => return,
         Frame::RouteRemove(route) => ClusterEvent::RouteRemoved { from, route },
         Frame::RoutesEnd => {
             st.peers[slot as usize].routes_received = true;
@@ -695,6 +818,16 @@ fn apply(
         },
         Frame::Stats(stats) => ClusterEvent::PeerStats { from, stats },
         Frame::Session(image) => ClusterEvent::SessionImported(image),
+        Frame::SessionMore(image) => ClusterEvent::SessionContinued(image),
+        Frame::HandoverEnd => {
+            if let Some(pred) = &mut st.predecessor {
+                pred.done = true;
+            }
+            st.progress.notify_waiters();
+            return;
+        }
+        Frame::Settled if superseded => return,
+        Frame::Settled => ClusterEvent::PeerSettled(from),
     };
     st.inbox.push(event);
 }
@@ -705,8 +838,17 @@ fn link_closed(peer: Option<(u16, u32)>, state: &Rc<RefCell<MeshState>>) {
         return;
     };
     let mut st = state.borrow_mut();
+    if index == st.me.index {
+        // Our predecessor's handover link: whatever it sent is all there will be.
+        if let Some(pred) = &mut st.predecessor {
+            pred.done = true;
+        }
+        st.progress.notify_waiters();
+        return;
+    }
+    st.inbound[index as usize] -= 1;
     if st.peers[index as usize].pid != Some(pid) {
-        return; // an older incarnation (or our predecessor); the current one is linked
+        return; // an older incarnation; the current one is linked
     }
     st.peers[index as usize] = Peer::default();
     // What was queued for it was for a process that is gone (its sessions with it).
@@ -745,23 +887,152 @@ async fn hand_over_sessions(
     let count = images.len();
     let now = Instant::now();
     let mut out = BytesMut::new();
-    wire::encode(
-        &mut out,
-        &Frame::Hello {
-            index: me.index,
-            pid: std::process::id(),
-        },
-        now,
-    );
-    for image in images {
-        wire::encode(&mut out, &Frame::Session(Box::new(image)), now);
-    }
-    match write_all(&stream, &out).await {
+    let hello = Frame::Hello {
+        index: me.index,
+        pid: std::process::id(),
+    };
+    wire::encode(&mut out, &hello, now);
+    let frames = images.into_iter().flat_map(session_frames);
+    let sent = async {
+        // One frame encoded at a time: a session of any size moves in bounded memory.
+        for frame in frames.chain(std::iter::once(Frame::HandoverEnd)) {
+            wire::encode(&mut out, &frame, now);
+            drop(frame);
+            write_all(&stream, &out).await?;
+            out.clear();
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    match sent.await {
         Ok(()) => tracing::info!(
             sessions = count,
             ?successor,
             "sessions handed to the successor"
         ),
         Err(e) => tracing::warn!(sessions = count, "handing sessions over failed: {e}"),
+    }
+}
+
+/// A session as frames of at most about `SESSION_CHUNK` bytes of messages each (but at
+/// least one message): `Session` with the inflight messages and the first of the queue,
+/// then `SessionMore`s with the rest of the queue, in order.
+fn session_frames(mut image: SessionImage) -> Vec<Frame> {
+    let size = |msg: &Message| msg.topic.len() + msg.payload.len() + 64;
+    let mut queue = std::mem::take(&mut image.queue).into_iter().peekable();
+    let mut inflight = std::mem::take(&mut image.inflight).into_iter().peekable();
+    let client_id = image.client_id.clone();
+    let mut frames = Vec::new();
+    let mut head = Some(image);
+    loop {
+        let mut part = match head.take() {
+            Some(image) => image,
+            None => SessionImage {
+                // A continuation names its session; the rest of its fields are unused.
+                client_id: client_id.clone(),
+                expiry_secs: 0,
+                expires_in: None,
+                subscriptions: Vec::new(),
+                queue: Vec::new(),
+                inflight: Vec::new(),
+                incoming_qos2: Vec::new(),
+                will: None,
+            },
+        };
+        let mut bytes = 0;
+        while let Some(m) =
+            inflight.next_if(|m| bytes == 0 || bytes + size(&m.msg) <= SESSION_CHUNK)
+        {
+            bytes += size(&m.msg);
+            part.inflight.push(m);
+        }
+        while let Some(q) = queue.next_if(|q| bytes == 0 || bytes + size(&q.msg) <= SESSION_CHUNK) {
+            bytes += size(&q.msg);
+            part.queue.push(q);
+        }
+        frames.push(if frames.is_empty() {
+            Frame::Session(Box::new(part))
+        } else {
+            Frame::SessionMore(Box::new(part))
+        });
+        if queue.peek().is_none() && inflight.peek().is_none() {
+            return frames;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::model::{Delivery, QueuedImage, WillImage};
+
+    fn message(seq: u32, len: usize) -> Message {
+        Message {
+            topic: Bytes::from_static(b"big"),
+            payload: Bytes::from([seq.to_le_bytes().to_vec(), vec![0; len]].concat()),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: None,
+            expires_at: None,
+            origin: None,
+        }
+    }
+
+    /// A session larger than a frame may carry moves in frames of bounded size, each
+    /// decodable, its messages in order, its will with it.
+    #[test]
+    fn large_session_is_sent_in_bounded_frames_in_order() {
+        let megabyte = 1024 * 1024;
+        let image = SessionImage {
+            client_id: "c".into(),
+            expiry_secs: 3600,
+            expires_in: Some(3500),
+            subscriptions: Vec::new(),
+            queue: (0..40)
+                .map(|seq| QueuedImage {
+                    msg: message(seq, megabyte),
+                    delivery: Delivery {
+                        qos: 1,
+                        ..Delivery::default()
+                    },
+                })
+                .collect(),
+            inflight: Vec::new(),
+            incoming_qos2: vec![7],
+            will: Some(WillImage {
+                msg: message(99, 10),
+                delay_secs: 60,
+                due_in: 42,
+            }),
+        };
+        let frames = session_frames(image);
+        assert!(frames.len() >= 5, "40 MB in 8 MB frames: {}", frames.len());
+        let now = Instant::now();
+        let mut seqs = Vec::new();
+        for (i, frame) in frames.iter().enumerate() {
+            let mut buf = BytesMut::new();
+            wire::encode(&mut buf, frame, now);
+            assert!(
+                buf.len() <= SESSION_CHUNK + megabyte,
+                "frame {i}: {}",
+                buf.len()
+            );
+            let image = match (i, wire::decode(&mut buf, now).unwrap().unwrap()) {
+                (0, Frame::Session(image)) => {
+                    assert_eq!(image.incoming_qos2, [7]);
+                    let will = image.will.as_ref().expect("the will moves");
+                    assert_eq!((will.delay_secs, will.due_in), (60, 42));
+                    image
+                }
+                (1.., Frame::SessionMore(image)) => image,
+                (i, other) => panic!("frame {i}: {other:?}"),
+            };
+            assert_eq!(image.client_id, "c");
+            for q in &image.queue {
+                seqs.push(u32::from_le_bytes(q.msg.payload[..4].try_into().unwrap()));
+            }
+        }
+        assert_eq!(seqs, (0..40).collect::<Vec<_>>());
     }
 }

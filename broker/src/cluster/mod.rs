@@ -108,6 +108,10 @@ pub trait Cluster {
     fn sync_peer(&mut self, peer: NodeId, routes: &[Route], retained: &[Rc<Message>]);
     /// Hands a client connection to worker `to` (its client id lives there).
     fn handoff(&mut self, to: NodeId, stream: HandedStream) -> Result<(), HandoffError>;
+    /// This worker has imported its predecessor's sessions (if it had one) and announced
+    /// their routes: peers drop what the predecessor announced beyond that
+    /// ([`ClusterEvent::PeerSettled`]).
+    fn settled(&mut self) {}
     /// This worker's counters, for the cluster-wide `$SYS` topics.
     fn report_stats(&mut self, stats: &WorkerStats);
     /// The number of connections this worker admitted changed (for the broker-wide limit).
@@ -131,9 +135,20 @@ pub trait Lifecycle {
     /// Resolves once the engine may serve clients: the backend has what it needs from its
     /// peers (or gave up waiting). Events pushed before it resolves are in the inbox.
     fn ready(&self) -> LocalFuture<'_, ()>;
+    /// True when this process replaces one that is still running (a rolling restart):
+    /// its sessions will come ([`Lifecycle::take_over`]).
+    fn has_predecessor(&self) -> bool {
+        false
+    }
+    /// Resolves once the predecessor's sessions are all in the inbox (or it is gone, or
+    /// gave up); at once without a predecessor. The worker serves nobody before.
+    fn take_over(&self) -> LocalFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
     /// After a drain closed every connection: moves the persistent sessions on to where
     /// they will be served next. `export` takes them out of the engine; a backend with
-    /// nowhere to send them does not call it.
+    /// nowhere to send them does not call it. Resolves once what this worker queued for
+    /// its peers has been sent too (messages it acknowledged to its publishers).
     fn hand_over_sessions<'a>(
         &'a self,
         export: Box<dyn FnOnce() -> Vec<SessionImage> + 'a>,

@@ -11,7 +11,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use super::StreamKind;
 use crate::model::{
     Delivery, InflightImage, Message, QueuedImage, Route, SessionImage, SharedTarget,
-    SubscriptionImage, WorkerStats,
+    SubscriptionImage, WillImage, WorkerStats,
 };
 use crate::protocol::{self, Packet, Publish, Version};
 use topic_trie::SubscriptionOptions;
@@ -47,8 +47,17 @@ pub enum Frame {
         bytes: Bytes,
     },
     Stats(WorkerStats),
-    /// A persistent session moving from a draining worker to its successor.
+    /// A persistent session moving from a draining worker to its successor, with the
+    /// first of its messages.
     Session(Box<SessionImage>),
+    /// More messages (queue and inflight, appended in order) of the session just sent:
+    /// a session is sent in frames of bounded size, however much it holds.
+    SessionMore(Box<SessionImage>),
+    /// Every session has been sent.
+    HandoverEnd,
+    /// A replacement has imported its predecessor's sessions and announced their routes:
+    /// routes the predecessor announced and it did not are gone.
+    Settled,
 }
 
 mod kind {
@@ -64,6 +73,9 @@ mod kind {
     pub const HANDOFF: u8 = 11;
     pub const STATS: u8 = 12;
     pub const SESSION: u8 = 13;
+    pub const SESSION_MORE: u8 = 14;
+    pub const HANDOVER_END: u8 = 15;
+    pub const SETTLED: u8 = 16;
 }
 
 #[derive(Debug)]
@@ -138,6 +150,9 @@ pub fn encode(out: &mut BytesMut, f: &Frame, now: Instant) {
             o.put_slice(bytes);
         }),
         Frame::Session(image) => frame(out, kind::SESSION, |o| put_session(o, image, now)),
+        Frame::SessionMore(image) => frame(out, kind::SESSION_MORE, |o| put_session(o, image, now)),
+        Frame::HandoverEnd => frame(out, kind::HANDOVER_END, |_| {}),
+        Frame::Settled => frame(out, kind::SETTLED, |_| {}),
         Frame::Stats(s) => frame(out, kind::STATS, |o| {
             for v in [
                 s.clients_connected,
@@ -205,6 +220,12 @@ fn put_session(out: &mut BytesMut, s: &SessionImage, now: Instant) {
     out.put_u32_le(s.incoming_qos2.len() as u32);
     for id in &s.incoming_qos2 {
         out.put_u16_le(*id);
+    }
+    out.put_u8(u8::from(s.will.is_some()));
+    if let Some(will) = &s.will {
+        out.put_u32_le(will.delay_secs);
+        out.put_u32_le(will.due_in);
+        put_sized_message(out, &will.msg, now);
     }
 }
 
@@ -338,6 +359,17 @@ impl Reader {
         for _ in 0..self.u32()? {
             incoming_qos2.push(self.u16()?);
         }
+        let will = if self.u8()? == 1 {
+            let delay_secs = self.u32()?;
+            let due_in = self.u32()?;
+            Some(WillImage {
+                msg: self.sized_message(now)?,
+                delay_secs,
+                due_in,
+            })
+        } else {
+            None
+        };
         Ok(SessionImage {
             client_id,
             expiry_secs,
@@ -346,6 +378,7 @@ impl Reader {
             queue,
             inflight,
             incoming_qos2,
+            will,
         })
     }
 
@@ -429,6 +462,9 @@ pub fn decode(buf: &mut BytesMut, now: Instant) -> Result<Option<Frame>, WireErr
             }
         }
         kind::SESSION => Frame::Session(Box::new(r.session(now)?)),
+        kind::SESSION_MORE => Frame::SessionMore(Box::new(r.session(now)?)),
+        kind::HANDOVER_END => Frame::HandoverEnd,
+        kind::SETTLED => Frame::Settled,
         kind::STATS => Frame::Stats(WorkerStats {
             clients_connected: r.u64()?,
             sessions: r.u64()?,

@@ -21,6 +21,8 @@ impl Engine {
                 self.cluster.sync_peer(peer, &routes, &retained);
             }
             ClusterEvent::PeerLeft(peer) => self.remove_peer(peer),
+            ClusterEvent::PeerReplaced(peer) => self.peer_replaced(peer),
+            ClusterEvent::PeerSettled(peer) => self.peer_settled(peer),
             ClusterEvent::RouteAdded { from, route } => self.remote_route(from, route, true),
             ClusterEvent::RouteRemoved { from, route } => self.remote_route(from, route, false),
             ClusterEvent::Forwarded {
@@ -28,7 +30,14 @@ impl Engine {
                 msg,
                 plain,
                 shared,
-            } => self.deliver_forwarded(from, msg, plain, &shared, now),
+            } => {
+                if self.takeover.is_some() {
+                    // The sessions it may be for are still on their way from our predecessor.
+                    self.hold_forwarded(from, msg, plain, shared);
+                } else {
+                    self.deliver_forwarded(from, msg, plain, &shared, now);
+                }
+            }
             ClusterEvent::PeerCaughtUp(peer) => self.caught_up(Behind::Peer(peer)),
             ClusterEvent::Retained(msg) => {
                 self.retained.set(Rc::new(msg));
@@ -40,6 +49,7 @@ impl Engine {
                 self.worker_stats.insert(from, stats);
             }
             ClusterEvent::SessionImported(image) => self.import_session(*image, now),
+            ClusterEvent::SessionContinued(image) => self.continue_session(*image),
         }
     }
 
@@ -48,6 +58,15 @@ impl Engine {
     fn remote_route(&mut self, from: NodeId, route: Route, added: bool) {
         if from == self.me {
             return;
+        }
+        if added {
+            if let Some(stale) = self.stale_routes.get_mut(&from) {
+                if stale.remove(&route) {
+                    // Re-announced by the replacement: kept, and now its own.
+                    self.remote_routes.entry(from).or_default().insert(route);
+                    return;
+                }
+            }
         }
         let known = self.remote_routes.entry(from).or_default();
         if added {
@@ -60,11 +79,36 @@ impl Engine {
         }
     }
 
-    /// A peer is gone (or restarted): forget everything it had announced.
+    /// A new process took `peer`'s place: what the old one announced is kept (and
+    /// messages for it keep going to the slot) until the new one has settled.
+    fn peer_replaced(&mut self, peer: NodeId) {
+        self.worker_stats.remove(&peer);
+        let Some(routes) = self.remote_routes.remove(&peer) else {
+            return;
+        };
+        self.stale_routes.entry(peer).or_default().extend(routes);
+    }
+
+    /// `peer`'s replacement has re-announced the routes of the sessions it imported:
+    /// its predecessor's other routes go.
+    fn peer_settled(&mut self, peer: NodeId) {
+        let Some(stale) = self.stale_routes.remove(&peer) else {
+            return;
+        };
+        for route in &stale {
+            self.routes.remove(peer, route);
+        }
+        if !stale.is_empty() {
+            tracing::info!(worker = %peer, routes = stale.len(), "replaced worker's routes not re-announced: removed");
+        }
+    }
+
+    /// A peer is gone: forget everything it had announced.
     fn remove_peer(&mut self, peer: NodeId) {
         self.worker_stats.remove(&peer);
         // What was waiting for it to catch up will not get there through it any more.
         self.caught_up(Behind::Peer(peer));
+        self.peer_settled(peer);
         let Some(routes) = self.remote_routes.remove(&peer) else {
             return;
         };
@@ -83,7 +127,7 @@ impl Engine {
 
     /// A message published on another worker, for this worker's plain subscribers (if
     /// `plain`) and for one member of each listed shared group.
-    fn deliver_forwarded(
+    pub(super) fn deliver_forwarded(
         &mut self,
         from: NodeId,
         msg: Message,

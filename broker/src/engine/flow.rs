@@ -42,6 +42,8 @@ pub(super) enum Source {
 pub(super) enum Behind {
     Session(SessionKey),
     Peer(NodeId),
+    /// This worker, while it imports its predecessor's sessions (`handover.rs`).
+    Takeover,
 }
 
 /// Who waits for which destination.

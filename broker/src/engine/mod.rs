@@ -91,6 +91,10 @@ pub struct Engine {
     route_barrier: Option<u64>,
     /// Routes each peer announced, so they can be dropped when it goes away.
     remote_routes: AHashMap<NodeId, std::collections::HashSet<Route>>,
+    /// Routes a replaced peer's predecessor announced, kept until the replacement settles.
+    stale_routes: AHashMap<NodeId, std::collections::HashSet<Route>>,
+    /// Set while this worker imports its predecessor's sessions (`handover.rs`).
+    takeover: Option<handover::Takeover>,
     /// Latest counters reported by each worker, this one included (for `$SYS`, kept by the
     /// worker that publishes it).
     worker_stats: std::collections::BTreeMap<NodeId, WorkerStats>,
@@ -138,6 +142,8 @@ impl Engine {
             holding_acks: Vec::new(),
             worker_stats: Default::default(),
             remote_routes: AHashMap::new(),
+            stale_routes: AHashMap::new(),
+            takeover: None,
             started_at: Instant::now(),
             last_sys_publish: None,
             plain_worker_scratch: Vec::new(),

@@ -12,5 +12,5 @@ mod stats;
 pub use message::{Delivery, Message, SessionKey};
 pub use node::NodeId;
 pub use route::{Route, SharedTarget};
-pub use session_image::{InflightImage, QueuedImage, SessionImage, SubscriptionImage};
+pub use session_image::{InflightImage, QueuedImage, SessionImage, SubscriptionImage, WillImage};
 pub use stats::WorkerStats;

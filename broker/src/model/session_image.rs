@@ -18,6 +18,17 @@ pub struct SessionImage {
     pub inflight: Vec<InflightImage>,
     /// Packet ids of QoS 2 messages received (PUBREC sent) and not yet released.
     pub incoming_qos2: Vec<u16>,
+    /// A will waiting for its delay to pass (the client went away before the move).
+    pub will: Option<WillImage>,
+}
+
+/// A delayed will of an offline session.
+#[derive(Debug, Clone)]
+pub struct WillImage {
+    pub msg: Message,
+    pub delay_secs: u32,
+    /// Seconds left before it is published.
+    pub due_in: u32,
 }
 
 /// One subscription, as the client sent its filter.
