@@ -67,6 +67,9 @@ struct Link {
     writing: usize,
     /// `forward` reported this peer behind; [`ClusterEvent::PeerCaughtUp`] is due.
     behind: bool,
+    /// The process at the other end has been replaced: tell it (`Superseded`), then
+    /// reconnect to its successor.
+    superseded: bool,
     /// Descriptors to send, each with the byte offset in `out` of its Handoff frame.
     fds: VecDeque<(usize, OwnedFd)>,
     notify: Rc<Notify>,
@@ -589,6 +592,14 @@ async fn write_link(
             if !link.connected {
                 return Err(std::io::Error::other("link reset"));
             }
+            if std::mem::take(&mut link.superseded) {
+                drop(st);
+                // So the old process does not take the closing link for our death.
+                let mut bye = BytesMut::new();
+                wire::encode(&mut bye, &Frame::Superseded, Instant::now());
+                write_all(stream, &bye).await?;
+                return Err(std::io::Error::other("peer replaced"));
+            }
             link.writing = link.out.len();
             (std::mem::take(&mut link.out), std::mem::take(&mut link.fds))
         };
@@ -669,6 +680,8 @@ async fn read_link(stream: UnixStream, state: Rc<RefCell<MeshState>>) {
     let mut fds: Vec<OwnedFd> = Vec::new();
     let mut pending_fds: VecDeque<OwnedFd> = VecDeque::new();
     let mut peer: Option<(u16, u32)> = None;
+    // The peer switched this link to our successor: its closing is not the peer's death.
+    let mut superseded = false;
     loop {
         buf.reserve(64 * 1024);
         let read = loop {
@@ -701,16 +714,20 @@ async fn read_link(stream: UnixStream, state: Rc<RefCell<MeshState>>) {
                 Ok(None) => break,
                 Err(e) => {
                     tracing::error!(?peer, "bad mesh frame: {}", e.0);
-                    return link_closed(peer, &state);
+                    return link_closed(peer, superseded, &state);
                 }
             };
+            if matches!(frame, Frame::Superseded) {
+                superseded = true;
+                continue;
+            }
             apply(frame, &mut peer, &mut pending_fds, &state);
         }
         if let Some((slot, _)) = peer {
             wait_while_held(slot, &state).await;
         }
     }
-    link_closed(peer, &state);
+    link_closed(peer, superseded, &state);
 }
 
 /// While the engine holds `slot`'s messages, its link is not read (the kernel's socket
@@ -763,7 +780,7 @@ fn apply(
         let link = &mut st.links[index as usize];
         if link.connected && link.peer_pid.is_some_and(|p| p != pid) {
             // Our outbound link still points at the old incarnation: reconnect.
-            link.connected = false;
+            link.superseded = true;
             link.notify.notify_one();
         }
         return;
@@ -777,7 +794,7 @@ fn apply(
     // for the successor, not subscriptions ending.
     let superseded = slot != st.me.index && st.peers[slot as usize].pid != Some(pid);
     let event = match frame {
-        Frame::Hello { .. } => return,
+        Frame::Hello { .. } | Frame::Superseded => return,
         Frame::RouteAdd(route) => ClusterEvent::RouteAdded { from, route },
         Frame::RouteRemove(_) if superseded => return,
         Frame::RouteRemove(route) => ClusterEvent::RouteRemoved { from, route },
@@ -832,8 +849,9 @@ fn apply(
     st.inbox.push(event);
 }
 
-/// An inbound link closed: if it was the peer's current incarnation, the peer is gone.
-fn link_closed(peer: Option<(u16, u32)>, state: &Rc<RefCell<MeshState>>) {
+/// An inbound link closed: if it was the peer's current incarnation and it did not
+/// switch to our successor (`superseded`), the peer is gone.
+fn link_closed(peer: Option<(u16, u32)>, superseded: bool, state: &Rc<RefCell<MeshState>>) {
     let Some((index, pid)) = peer else {
         return;
     };
@@ -847,7 +865,7 @@ fn link_closed(peer: Option<(u16, u32)>, state: &Rc<RefCell<MeshState>>) {
         return;
     }
     st.inbound[index as usize] -= 1;
-    if st.peers[index as usize].pid != Some(pid) {
+    if superseded || st.peers[index as usize].pid != Some(pid) {
         return; // an older incarnation; the current one is linked
     }
     st.peers[index as usize] = Peer::default();

@@ -55,6 +55,9 @@ pub enum Frame {
     SessionMore(Box<SessionImage>),
     /// Every session has been sent.
     HandoverEnd,
+    /// Last frame on a link to a process that a newer one replaced: the link closes
+    /// because the sender switched to the newer process, not because it died.
+    Superseded,
     /// A replacement has imported its predecessor's sessions and announced their routes:
     /// routes the predecessor announced and it did not are gone.
     Settled,
@@ -76,6 +79,7 @@ mod kind {
     pub const SESSION_MORE: u8 = 14;
     pub const HANDOVER_END: u8 = 15;
     pub const SETTLED: u8 = 16;
+    pub const SUPERSEDED: u8 = 17;
 }
 
 #[derive(Debug)]
@@ -153,6 +157,7 @@ pub fn encode(out: &mut BytesMut, f: &Frame, now: Instant) {
         Frame::SessionMore(image) => frame(out, kind::SESSION_MORE, |o| put_session(o, image, now)),
         Frame::HandoverEnd => frame(out, kind::HANDOVER_END, |_| {}),
         Frame::Settled => frame(out, kind::SETTLED, |_| {}),
+        Frame::Superseded => frame(out, kind::SUPERSEDED, |_| {}),
         Frame::Stats(s) => frame(out, kind::STATS, |o| {
             for v in [
                 s.clients_connected,
@@ -465,6 +470,7 @@ pub fn decode(buf: &mut BytesMut, now: Instant) -> Result<Option<Frame>, WireErr
         kind::SESSION_MORE => Frame::SessionMore(Box::new(r.session(now)?)),
         kind::HANDOVER_END => Frame::HandoverEnd,
         kind::SETTLED => Frame::Settled,
+        kind::SUPERSEDED => Frame::Superseded,
         kind::STATS => Frame::Stats(WorkerStats {
             clients_connected: r.u64()?,
             sessions: r.u64()?,
