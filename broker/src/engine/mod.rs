@@ -428,7 +428,11 @@ impl Engine {
         for (key, conn) in self.conns.iter() {
             let late = match conn.state {
                 ConnState::AwaitingConnect => now >= conn.last_packet_at + connect_timeout,
-                ConnState::Active => conn.keep_alive_deadline().is_some_and(|d| now >= d),
+                // A client paused for backpressure is silent because we do not read it.
+                ConnState::Active => {
+                    conn.flow != conn::FlowState::Paused
+                        && conn.keep_alive_deadline().is_some_and(|d| now >= d)
+                }
                 ConnState::Closing => {
                     closing.push(key);
                     false
