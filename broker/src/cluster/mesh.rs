@@ -586,22 +586,25 @@ async fn write_link(
     notify: &Notify,
 ) -> std::io::Result<()> {
     loop {
-        let (mut out, mut fds) = {
+        let taken = {
             let mut st = state.borrow_mut();
             let link = &mut st.links[peer as usize];
             if !link.connected {
                 return Err(std::io::Error::other("link reset"));
             }
             if std::mem::take(&mut link.superseded) {
-                drop(st);
-                // So the old process does not take the closing link for our death.
-                let mut bye = BytesMut::new();
-                wire::encode(&mut bye, &Frame::Superseded, Instant::now());
-                write_all(stream, &bye).await?;
-                return Err(std::io::Error::other("peer replaced"));
+                None
+            } else {
+                link.writing = link.out.len();
+                Some((std::mem::take(&mut link.out), std::mem::take(&mut link.fds)))
             }
-            link.writing = link.out.len();
-            (std::mem::take(&mut link.out), std::mem::take(&mut link.fds))
+        };
+        let Some((mut out, mut fds)) = taken else {
+            // So the old process does not take the closing link for our death.
+            let mut bye = BytesMut::new();
+            wire::encode(&mut bye, &Frame::Superseded, Instant::now());
+            write_all(stream, &bye).await?;
+            return Err(std::io::Error::other("peer replaced"));
         };
         if out.is_empty() {
             notify.notified().await;
