@@ -597,3 +597,5 @@ mod tests;
 mod tests_cluster;
 #[cfg(test)]
 mod tests_limits;
+#[cfg(test)]
+mod tests_spec;
