@@ -304,6 +304,60 @@ fn pingreq_flags_v3() {
     after_connect("PINGREQ 0xC1", V::V3, &[0xC1, 0x00], malformed(V::V3));
 }
 
+// ---------------------------------------------------------------- reserved bits, fixed lengths
+
+// MQTT-3.8.3-4 (3.1.1): the upper 6 bits of a requested QoS byte are reserved;
+// MQTT-3.8.3-5 (v5): bits 6 and 7 of the subscription options are. Non-zero: malformed.
+
+#[test]
+fn subscribe_options_reserved_bits_v5() {
+    let bad = subscribe(V::V5, 1, b"a/b", 0xC1);
+    after_connect("SUBSCRIBE options 0xC1", V::V5, &bad, malformed(V::V5));
+}
+
+#[test]
+fn subscribe_options_reserved_bits_v3() {
+    let bad = subscribe(V::V3, 1, b"a/b", 0xF1);
+    after_connect("SUBSCRIBE options 0xF1", V::V3, &bad, malformed(V::V3));
+}
+
+// PINGREQ has no variable header and no payload (both versions); a 3.1.1 PUBACK is
+// exactly its packet identifier. (A 3.1.1 DISCONNECT with a body: engine tests, since
+// only the will tells its close from a normal one.)
+
+#[test]
+fn pingreq_remaining_length_one_v5() {
+    let bad = [0xC0, 0x01, 0x00];
+    after_connect("PINGREQ of length 1", V::V5, &bad, malformed(V::V5));
+}
+
+#[test]
+fn pingreq_remaining_length_one_v3() {
+    let bad = [0xC0, 0x01, 0x00];
+    after_connect("PINGREQ of length 1", V::V3, &bad, malformed(V::V3));
+}
+
+#[test]
+fn puback_remaining_length_three_v3() {
+    let bad = [0x40, 0x03, 0x00, 0x01, 0x00];
+    after_connect("PUBACK of length 3", V::V3, &bad, malformed(V::V3));
+}
+
+// MQTT-3.10.3-2: an UNSUBSCRIBE must name at least one topic filter (v5: protocol error).
+
+#[test]
+fn unsubscribe_without_filters_v5() {
+    let bad = [0xA2, 0x03, 0x00, 0x01, 0x00];
+    let expect = Expect::Disconnect(&[0x82]);
+    after_connect("UNSUBSCRIBE without filters", V::V5, &bad, expect);
+}
+
+#[test]
+fn unsubscribe_without_filters_v3() {
+    let bad = [0xA2, 0x02, 0x00, 0x01];
+    after_connect("UNSUBSCRIBE without filters", V::V3, &bad, Expect::Close);
+}
+
 // MQTT-3.3.1-4: a PUBLISH with both QoS bits set is malformed.
 fn publish_qos3(v: V) {
     let bad = publish_byte1(v, 0x36, b"a/b", Some(1), &[], b"x");

@@ -2,7 +2,7 @@
 //! publish the will, reserved bits, inflight messages the client can no longer take,
 //! packets shrunk or withheld to fit the client's Maximum Packet Size.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::tests::{publishes, will, Harness};
 use super::ConnKey;
@@ -121,4 +121,58 @@ fn inflight_message_too_large_on_resume_is_discarded_and_the_queue_moves_up() {
     let skey = h.engine.conns[c].session.expect("attached");
     assert!(h.engine.sessions[skey].inflight.is_empty());
     assert_eq!(h.engine.stats.dropped_too_large, 1);
+}
+
+/// Connects a 3.1.1 client with a will on `will_topic`; returns its key.
+fn connect_v311_with_will(h: &mut Harness, id: &str, will_topic: &str) -> ConnKey {
+    use rumqttc::mqttbytes::v4 as c4;
+    let key = h.engine.accept(h.driver, h.now, None);
+    let mut connect = c4::Connect::new(id);
+    connect.last_will = Some(c4::LastWill::new(
+        will_topic,
+        "gone",
+        rumqttc::mqttbytes::QoS::AtMostOnce,
+        false,
+    ));
+    let mut bytes = BytesMut::new();
+    c4::Packet::Connect(connect)
+        .write(&mut bytes, usize::MAX)
+        .unwrap();
+    h.engine.handle_read(key, &mut bytes, h.now);
+    let out = h.engine.output(key).expect("open");
+    assert_eq!(&out[..], [0x20, 0x02, 0x00, 0x00], "3.1.1 CONNACK");
+    out.clear();
+    key
+}
+
+#[test]
+fn v311_disconnect_with_a_body_is_malformed_and_the_will_goes_out() {
+    // 3.1.1 §3.14: DISCONNECT has no variable header and no payload. One with a body is
+    // malformed: the connection is closed as on a network error, so the will is due.
+    let mut h = Harness::new();
+    let watcher = h.connect("watcher", true, 0, None);
+    h.subscribe(watcher, "wills/#", QoS::AtMostOnce);
+    let c = connect_v311_with_will(&mut h, "old", "wills/old");
+    let mut bad = BytesMut::from(&[0xE0, 0x01, 0x00][..]);
+    h.engine.handle_read(c, &mut bad, h.now);
+    assert!(h.engine.is_closing(c));
+    assert_eq!(h.engine.stats.protocol_errors, 1);
+    let got = h.received(watcher);
+    assert_eq!(publishes(&got).len(), 1, "will not published: {got:?}");
+}
+
+#[test]
+fn v5_subscribe_with_reserved_option_bits_is_refused_with_0x81() {
+    let mut h = Harness::new();
+    let c = h.connect("c", true, 0, None);
+    // SUBSCRIBE pkid 1, no properties, "a/b" with options 0xC1 (bits 6-7 reserved).
+    let mut bad = BytesMut::from(&[0x82, 0x09, 0, 1, 0, 0, 3, b'a', b'/', b'b', 0xC1][..]);
+    h.engine.handle_read(c, &mut bad, h.now);
+    match h.received(c).as_slice() {
+        [Packet::Disconnect(d)] => assert_eq!(d.reason_code, DisconnectReasonCode::MalformedPacket),
+        other => panic!("expected DISCONNECT 0x81, got {other:?}"),
+    }
+    assert!(h.engine.is_closing(c));
+    assert_eq!(h.engine.stats.protocol_errors, 1);
+    assert_eq!(h.engine.subscription_count(), 0);
 }

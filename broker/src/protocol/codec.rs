@@ -161,6 +161,7 @@ fn decode(
         let _ = buf.split_to(header.frame_len());
         return Err(DecodeError::UnexpectedAuth);
     }
+    check_reserved(&buf[header.header_len..header.frame_len()], header, version)?;
     if header.packet_type == packet_type::DISCONNECT && header.remaining_len <= 1 {
         // A v5 DISCONNECT may omit its reason code, or its property length (MQTT 5.0
         // §3.14.2.2.1); the codec crate refuses both short forms.
@@ -185,6 +186,67 @@ fn decode(
         // The codec split the whole frame off before failing, so `buf` stays aligned.
         Err(why) => Err(DecodeError::Malformed(why)),
     }
+}
+
+/// The fixed remaining lengths and the reserved bits of a body, which the codec crate
+/// does not check: a packet breaking them is malformed (v5: DISCONNECT 0x81; 3.1.1: the
+/// connection is closed). Anything the walk cannot follow is left to the codec to refuse.
+fn check_reserved(body: &[u8], header: FrameHeader, version: Version) -> Result<(), DecodeError> {
+    use packet_type::*;
+    let v311 = version == Version::V311;
+    let fixed_len = match header.packet_type {
+        // No variable header and no payload (3.1.1 §3.12, §3.14; 5.0 §3.12).
+        PINGREQ => Some(0),
+        DISCONNECT if v311 => Some(0),
+        // Only the packet identifier in 3.1.1 (§3.4-3.7); v5 may add a reason and properties.
+        PUBACK | PUBREC | PUBREL | PUBCOMP if v311 => Some(2),
+        _ => None,
+    };
+    if let Some(len) = fixed_len.filter(|&len| len != header.remaining_len) {
+        return Err(DecodeError::Malformed(format!(
+            "packet type {} with remaining length {} (must be {len})",
+            header.packet_type, header.remaining_len
+        )));
+    }
+    if header.packet_type == SUBSCRIBE {
+        // 3.1.1: the upper 6 bits of the requested QoS byte (MQTT-3.8.3-4); v5: bits 6
+        // and 7 of the subscription options (MQTT-3.8.3-5).
+        let reserved = if v311 { 0b1111_1100 } else { 0b1100_0000 };
+        if let Some(options) = subscription_options(body, version).find(|o| o & reserved != 0) {
+            return Err(DecodeError::Malformed(format!(
+                "reserved bits set in subscription options {options:#04x}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The options byte of each topic filter of a SUBSCRIBE body, as far as it can be walked.
+fn subscription_options(body: &[u8], version: Version) -> impl Iterator<Item = u8> + '_ {
+    // Packet identifier, then (v5) the property block.
+    let mut at = Some(2);
+    if version.is_v5() {
+        at = body.get(2..).and_then(var_int).map(|(len, n)| 2 + n + len);
+    }
+    std::iter::from_fn(move || {
+        let pos = at?;
+        let len = u16::from_be_bytes([*body.get(pos)?, *body.get(pos + 1)?]) as usize;
+        let options = *body.get(pos + 2 + len)?;
+        at = Some(pos + 3 + len);
+        Some(options)
+    })
+}
+
+/// A variable byte integer at the start of `bytes`: (value, bytes it takes).
+fn var_int(bytes: &[u8]) -> Option<(usize, usize)> {
+    let mut value = 0usize;
+    for (i, &b) in bytes.iter().take(4).enumerate() {
+        value |= usize::from(b & 0x7F) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
 }
 
 /// Appends `packet` to `out` in the encoding of `version`. Packets a 3.1.1 client cannot
