@@ -91,6 +91,9 @@ impl Engine {
         now: Instant,
     ) {
         let connect_bytes = self.connect_bytes.take();
+        // Taken so it never outlives this CONNECT. mqttd has no authentication yet; when
+        // it does, this (not `_login`, whose password the codec leaves empty) is checked.
+        let _password = self.connect_password.take();
         let v5 = self.conns[key].version.is_v5();
         if !self.admit_connect(key, &connect, will.as_ref(), v5, connect_bytes) {
             return;

@@ -176,3 +176,34 @@ fn v5_subscribe_with_reserved_option_bits_is_refused_with_0x81() {
     assert_eq!(h.engine.stats.protocol_errors, 1);
     assert_eq!(h.engine.subscription_count(), 0);
 }
+
+/// A CONNECT (clean start, keep-alive 0) of protocol `level` with user name "u" and a
+/// password that is not UTF-8.
+fn connect_with_binary_password(level: u8) -> BytesMut {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, 0b1100_0010, 0, 0];
+    if level == 5 {
+        body.push(0); // no properties
+    }
+    body.extend_from_slice(&[0, 1, b'c', 0, 1, b'u', 0, 3, 0xFF, 0xFE, 0x00]);
+    let mut frame = BytesMut::from(&[0x10, body.len() as u8][..]);
+    frame.extend_from_slice(&body);
+    frame
+}
+
+#[test]
+fn a_password_is_binary_data_and_need_not_be_utf8() {
+    // 3.1.1 §3.1.3.5 and 5.0 §3.1.3.6: Password is Binary Data, any bytes at all.
+    for (level, connack) in [(4u8, &[0x20, 2, 0, 0][..]), (5, &[0x20])] {
+        let mut h = Harness::new();
+        let key = h.engine.accept(h.driver, h.now, None);
+        let mut bytes = connect_with_binary_password(level);
+        h.engine.handle_read(key, &mut bytes, h.now);
+        assert!(!h.engine.is_closing(key), "level {level}: refused");
+        let out = h.engine.output(key).expect("open");
+        assert!(out.starts_with(connack), "level {level}: {out:02X?}");
+        if level == 5 {
+            assert_eq!(out[3], 0x00, "v5 CONNACK reason {:#04x}", out[3]);
+        }
+        assert_eq!(h.engine.stats.protocol_errors, 0);
+    }
+}

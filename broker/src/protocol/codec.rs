@@ -4,7 +4,7 @@
 //! slices of it without a copy. Writes append to the connection's output buffer; PUBLISH,
 //! the one packet on the hot path, is encoded here directly so that it costs no allocation.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5 as codec_v5;
 
 use super::framing::{self, packet_type, FrameError, FrameHeader};
@@ -70,12 +70,25 @@ impl std::fmt::Display for DecodeError {
     }
 }
 
-/// Reads the first packet of a connection, which must be a CONNECT; returns the version it asks for.
+/// A decoded CONNECT.
+#[derive(Debug)]
+pub struct ConnectFrame {
+    /// The protocol version it asks for.
+    pub version: Version,
+    /// `Packet::Connect`. Its `Login` never carries the password (see `password`).
+    pub packet: Packet,
+    /// The password: Binary Data (3.1.1 §3.1.3.5, 5.0 §3.1.3.6), any bytes. The codec
+    /// crate's `Login` holds a `String` and would refuse a CONNECT whose password is not
+    /// UTF-8, so it is taken out of the frame before the codec sees it.
+    pub password: Option<Bytes>,
+}
+
+/// Reads the first packet of a connection, which must be a CONNECT.
 /// `Ok(None)`: more bytes are needed.
 pub fn read_connect(
     buf: &mut BytesMut,
     max_packet_size: u32,
-) -> Result<Option<(Version, Packet)>, DecodeError> {
+) -> Result<Option<ConnectFrame>, DecodeError> {
     let header = match framing::parse_header(buf, max_packet_size) {
         Ok(h) => h,
         Err(FrameError::Incomplete) => return Ok(None),
@@ -85,11 +98,76 @@ pub fn read_connect(
         return Err(DecodeError::NotConnect(header.packet_type));
     }
     let version = connect_version(&buf[header.header_len..header.frame_len()])?;
-    let packet = decode(buf, header, version).map_err(|e| DecodeError::BadConnect {
+    let bad_connect = |why: String| DecodeError::BadConnect { version, why };
+    let mut frame = buf.split_to(header.frame_len());
+    let password = take_password(&mut frame, header, version).map_err(bad_connect)?;
+    // Parsed again: taking the password out shortens the frame.
+    let header = framing::parse_header(&frame, u32::MAX)
+        .map_err(|e| bad_connect(DecodeError::Frame(e).to_string()))?;
+    let packet = decode(&mut frame, header, version).map_err(|e| bad_connect(e.to_string()))?;
+    Ok(Some(ConnectFrame {
         version,
-        why: e.to_string(),
-    })?;
-    Ok(Some((version, packet)))
+        packet,
+        password,
+    }))
+}
+
+/// Removes the password field from a whole CONNECT `frame` (clearing its flag and
+/// rewriting the remaining length) and returns it. The payload is walked field by field
+/// as MQTT-3.1.3-1 orders it; the password is the last one.
+fn take_password(
+    frame: &mut BytesMut,
+    header: FrameHeader,
+    version: Version,
+) -> Result<Option<Bytes>, String> {
+    let body = &frame[header.header_len..];
+    let name_len = u16::from_be_bytes([body[0], body[1]]) as usize;
+    // Name, level, flags, keep-alive (connect_version checked they are there).
+    let flags_at = 2 + name_len + 1;
+    let flags = body[flags_at];
+    if flags & 0b0100_0000 == 0 {
+        return Ok(None);
+    }
+    let truncated = || "truncated CONNECT".to_string();
+    let mut at = flags_at + 3;
+    let skip_properties = |at: usize| -> Option<usize> {
+        let (len, n) = var_int(body.get(at..)?)?;
+        Some(at + n + len)
+    };
+    let skip_field = |at: usize| -> Option<usize> {
+        let len = u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]) as usize;
+        Some(at + 2 + len)
+    };
+    if version.is_v5() {
+        at = skip_properties(at).ok_or_else(truncated)?;
+    }
+    at = skip_field(at).ok_or_else(truncated)?; // client id
+    if flags & 0b100 != 0 {
+        if version.is_v5() {
+            at = skip_properties(at).ok_or_else(truncated)?;
+        }
+        at = skip_field(at).ok_or_else(truncated)?; // will topic
+        at = skip_field(at).ok_or_else(truncated)?; // will payload
+    }
+    if flags & 0b1000_0000 != 0 {
+        at = skip_field(at).ok_or_else(truncated)?; // user name
+    }
+    let end = skip_field(at).ok_or_else(truncated)?;
+    if end > body.len() {
+        return Err(truncated());
+    }
+    if end != body.len() {
+        return Err("bytes after the password".into());
+    }
+    let password = Bytes::copy_from_slice(&body[at + 2..end]);
+    let mut rebuilt = BytesMut::with_capacity(frame.len());
+    rebuilt.put_u8(frame[0]);
+    framing::put_var_int(&mut rebuilt, header.remaining_len - (end - at));
+    let body_at = rebuilt.len();
+    rebuilt.extend_from_slice(&body[..at]);
+    rebuilt[body_at + flags_at] &= !0b0100_0000;
+    *frame = rebuilt;
+    Ok(Some(password))
 }
 
 /// Reads the protocol name, level and flags of a CONNECT body.

@@ -20,7 +20,7 @@ pub use rumqttc::v5::mqttbytes::v5::{
 };
 pub use rumqttc::v5::mqttbytes::QoS;
 
-pub use codec::{read_connect, read_packet, write_packet, DecodeError};
+pub use codec::{read_connect, read_packet, write_packet, ConnectFrame, DecodeError};
 
 /// The protocol version a connection negotiated in its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
