@@ -288,7 +288,13 @@ impl Engine {
         self.sessions[skey].will = will.map(|w| Box::new(will_from(w, skey, now)));
         let conn = &mut self.conns[key];
         conn.state = ConnState::Active;
-        conn.send(&connack(session_present, ConnectReturnCode::Success, props));
+        if !conn.try_send(&connack(session_present, ConnectReturnCode::Success, props)) {
+            // Even the CONNACK exceeds the client's Maximum Packet Size: it may not be sent
+            // (MQTT-3.1.2-24), and a client never answered cannot go on. No will: to the
+            // client the connection never started.
+            self.stats.protocol_errors += 1;
+            return self.end_connection(key, false, now);
+        }
         tracing::debug!(conn = key, client_id = %self.sessions[skey].client_id, session_present, "connected");
         self.resume_delivery(skey, now);
     }

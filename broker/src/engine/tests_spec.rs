@@ -207,3 +207,90 @@ fn a_password_is_binary_data_and_need_not_be_utf8() {
         assert_eq!(h.engine.stats.protocol_errors, 0);
     }
 }
+
+/// A second CONNECT from `key`: a protocol error the broker answers with a DISCONNECT
+/// carrying a Reason String.
+fn second_connect(h: &mut Harness, key: ConnKey) {
+    let connect = wire::Connect {
+        keep_alive: 0,
+        client_id: "again".into(),
+        clean_start: true,
+        properties: None,
+    };
+    h.send(key, Packet::Connect(connect, None, None));
+}
+
+#[test]
+fn disconnect_drops_its_reason_string_to_fit_the_clients_maximum_packet_size() {
+    // MQTT-3.1.2-24/-25: nothing larger than the client allows; the Reason String and
+    // User Properties are what the server leaves out to fit.
+    let mut h = Harness::new();
+    let roomy = connect_limited(&mut h, "roomy", true, 0, 1000);
+    h.received(roomy);
+    second_connect(&mut h, roomy);
+    let full = h.engine.output(roomy).expect("open").len();
+    assert!(
+        full > 16,
+        "the full DISCONNECT ({full} bytes) must not fit 16"
+    );
+
+    let c = connect_limited(&mut h, "c", true, 0, 16);
+    h.received(c);
+    second_connect(&mut h, c);
+    let out = h.engine.output(c).expect("open");
+    assert!(
+        out.len() <= 16,
+        "DISCONNECT of {} bytes to a client allowing 16",
+        out.len()
+    );
+    // The broker's own reader: it knows the short forms of a v5 DISCONNECT.
+    match crate::protocol::read_packet(out, crate::protocol::Version::V5, u32::MAX) {
+        Ok(Some(Packet::Disconnect(d))) => {
+            assert_eq!(d.reason_code, DisconnectReasonCode::ProtocolError);
+            assert!(d
+                .properties
+                .as_ref()
+                .is_none_or(|p| p.reason_string.is_none()));
+        }
+        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
+    }
+    assert!(h.engine.is_closing(c));
+}
+
+#[test]
+fn a_packet_that_cannot_fit_the_clients_maximum_is_not_sent() {
+    // A SUBACK has no optional property to drop here: 15 return codes make 20 bytes.
+    let mut h = Harness::new();
+    let c = connect_limited(&mut h, "c", true, 0, 16);
+    h.received(c);
+    let filters: Vec<_> = (0..15)
+        .map(|i| crate::protocol::Filter::new(format!("t/{i}"), QoS::AtMostOnce))
+        .collect();
+    let subscribe = crate::protocol::Subscribe {
+        pkid: 1,
+        filters,
+        properties: None,
+    };
+    h.send(c, Packet::Subscribe(subscribe));
+    assert!(h.received(c).is_empty(), "a SUBACK over the limit was sent");
+    assert!(!h.engine.is_closing(c));
+    let skey = h.engine.conns[c].session.expect("attached");
+    assert_eq!(
+        h.engine.sessions[skey].subscriptions.len(),
+        15,
+        "{:?}",
+        h.engine.stats
+    );
+}
+
+#[test]
+fn a_connack_that_cannot_fit_the_clients_maximum_is_not_sent() {
+    // This broker's CONNACK carries at least Receive Maximum, Maximum Packet Size and
+    // Topic Alias Maximum: 16 bytes. A client allowing fewer cannot be answered.
+    let mut h = Harness::new();
+    let c = connect_limited(&mut h, "c", true, 0, 15);
+    assert!(h.received(c).is_empty());
+    assert!(h.engine.is_closing(c));
+    let c = connect_limited(&mut h, "d", true, 0, 16);
+    assert!(matches!(h.received(c).as_slice(), [Packet::ConnAck(_)]));
+}
