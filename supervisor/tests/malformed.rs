@@ -655,6 +655,57 @@ fn qos2_receive_maximum_exceeded_v5() {
     );
 }
 
+// The same, with the client still sending after the violation (a pipelining client does
+// not wait for acknowledgements): closing at once with its bytes unread would send RST,
+// and the client could lose the DISCONNECT 0x93 before reading it. The broker shuts down
+// its write side after the DISCONNECT and drains the client's input: DISCONNECT, then EOF.
+#[test]
+fn receive_maximum_exceeded_while_pipelining_v5() {
+    scenario(
+        "receive maximum exceeded, client still sending",
+        V::V5,
+        &[],
+        true,
+        |c, connack| {
+            let max = connack_u16(connack, 0x21).unwrap_or(u16::MAX);
+            assert!(
+                max < 1000,
+                "CONNACK Receive Maximum {max}: too many to test"
+            );
+            let mut all = Vec::new();
+            for pkid in 1..=max + 1 {
+                all.extend(publish(V::V5, b"rm/t", 2, pkid, &[], b"x"));
+            }
+            // Far more than one read of the broker (64 KiB), far less than it drains (1 MiB).
+            let filler = publish(V::V5, b"rm/t", 0, 0, &[], &[b'f'; 1000]);
+            for _ in 0..512 {
+                all.extend_from_slice(&filler);
+            }
+            let mut writer = c.stream.try_clone().expect("clone the stream");
+            let sending = std::thread::spawn(move || {
+                use std::io::Write;
+                let result = writer.write_all(&all);
+                let _ = writer.shutdown(std::net::Shutdown::Write);
+                result
+            });
+            for pkid in 1..=max {
+                let p = c
+                    .read_packet()
+                    .expect("read PUBREC")
+                    .expect("PUBREC, got EOF");
+                assert!(
+                    p[0] == 0x50 && body(&p)[..2] == pkid.to_be_bytes(),
+                    "expected PUBREC {pkid}, got {}",
+                    hex(&p)
+                );
+            }
+            let sent = sending.join().expect("writer thread");
+            assert!(sent.is_ok(), "the broker refused input: {sent:?}");
+        },
+        Expect::Disconnect(&[0x93]),
+    );
+}
+
 // ---------------------------------------------------------------- server-only packets
 
 // A client must not send CONNACK or SUBACK (§2.1.2 direction; 3.1.1 §4.8: close).

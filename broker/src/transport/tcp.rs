@@ -33,6 +33,10 @@ const EVENTS_PER_TURN: usize = 1024;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a shutdown waits for connections to flush their DISCONNECT.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// Input a closing connection may still send (read and discarded) after its last bytes
+/// were flushed and its write side shut down. Besides this, the engine's abort ticks
+/// bound the time (`Engine::should_abort`).
+const LINGER_MAX_BYTES: usize = 1024 * 1024;
 const LISTENER: Token = Token(usize::MAX);
 
 pub struct TcpReactor {
@@ -51,6 +55,11 @@ pub struct TcpReactor {
     accept_paused_until: Option<Instant>,
     /// Throttled connections (over their publish rate) and when to read them again.
     paused_reads: Vec<(Instant, ConnKey)>,
+    /// Closing connections whose output is flushed and write side shut down, with the
+    /// input discarded since. Closing the socket while the client's bytes sit unread in it
+    /// would send RST, and the client could lose the DISCONNECT it has not read yet; so
+    /// input is drained until EOF, `LINGER_MAX_BYTES` or the engine's abort ticks.
+    lingering: Vec<(ConnKey, usize)>,
 }
 
 /// Why the loop woke up.
@@ -98,6 +107,7 @@ impl TcpReactor {
             dirty: Vec::new(),
             accept_paused_until: None,
             paused_reads: Vec::new(),
+            lingering: Vec::new(),
         })
     }
 
@@ -317,6 +327,11 @@ impl TcpReactor {
                 return;
             };
             if engine.is_closing(key) {
+                if self.lingering.iter().any(|&(k, _)| k == key) {
+                    drop(engine);
+                    self.discard_input(key);
+                }
+                // Otherwise unread until its output is flushed (flush starts the linger).
                 return;
             }
             engine.prepare_read(key, &mut self.scratch);
@@ -405,15 +420,70 @@ impl TcpReactor {
             engine.output_flushed(key, written);
         }
         let drained = engine.output(key).is_none_or(|out| out.is_empty());
-        let done = engine.is_closing(key) && (drained || engine.should_abort(key));
+        let closing = engine.is_closing(key);
+        let abort = engine.should_abort(key);
         drop(engine);
-        if failed || done {
+        if failed || (closing && abort) {
             self.close(key);
+        } else if closing && drained {
+            self.linger(key);
         }
+    }
+
+    /// All output of a closing connection is written: sends FIN after it (the client reads
+    /// everything, then EOF) and drains what the client still sends before closing.
+    fn linger(&mut self, key: ConnKey) {
+        if self.lingering.iter().any(|&(k, _)| k == key) {
+            return;
+        }
+        let Some(stream) = self.streams.get_mut(key).and_then(Option::as_mut) else {
+            return;
+        };
+        if stream.shutdown(std::net::Shutdown::Write).is_err() {
+            // Not connected any more: nothing left to protect.
+            return self.close(key);
+        }
+        self.lingering.push((key, 0));
+        // Epoll is edge-triggered: input that arrived while the output was flushing
+        // raised no new event, so drain it now.
+        self.discard_input(key);
+    }
+
+    /// Reads and drops a lingering connection's input; closes it at EOF, on an error or
+    /// past `LINGER_MAX_BYTES`.
+    fn discard_input(&mut self, key: ConnKey) {
+        let Some(stream) = self.streams.get_mut(key).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(at) = self.lingering.iter().position(|&(k, _)| k == key) else {
+            return;
+        };
+        for _ in 0..READ_BUDGET {
+            self.scratch.clear();
+            match read_into(stream, &mut self.scratch) {
+                Ok(0) => return self.close(key),
+                Ok(n) => {
+                    self.lingering[at].1 += n;
+                    if self.lingering[at].1 > LINGER_MAX_BYTES {
+                        tracing::debug!(
+                            conn = key,
+                            "closing: client kept sending after DISCONNECT"
+                        );
+                        return self.close(key);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.close(key),
+            }
+        }
+        self.scratch.clear();
+        self.unfinished_reads.push(key);
     }
 
     /// Drops the socket and tells the engine (which publishes a will if one is due).
     fn close(&mut self, key: ConnKey) {
+        self.lingering.retain(|&(k, _)| k != key);
         if let Some(mut stream) = self.streams.get_mut(key).and_then(Option::take) {
             let _ = self.poll.registry().deregister(&mut stream);
         }
