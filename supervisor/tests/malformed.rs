@@ -304,6 +304,60 @@ fn pingreq_flags_v3() {
     after_connect("PINGREQ 0xC1", V::V3, &[0xC1, 0x00], malformed(V::V3));
 }
 
+// ---------------------------------------------------------------- reserved bits, fixed lengths
+
+// MQTT-3.8.3-4 (3.1.1): the upper 6 bits of a requested QoS byte are reserved;
+// MQTT-3.8.3-5 (v5): bits 6 and 7 of the subscription options are. Non-zero: malformed.
+
+#[test]
+fn subscribe_options_reserved_bits_v5() {
+    let bad = subscribe(V::V5, 1, b"a/b", 0xC1);
+    after_connect("SUBSCRIBE options 0xC1", V::V5, &bad, malformed(V::V5));
+}
+
+#[test]
+fn subscribe_options_reserved_bits_v3() {
+    let bad = subscribe(V::V3, 1, b"a/b", 0xF1);
+    after_connect("SUBSCRIBE options 0xF1", V::V3, &bad, malformed(V::V3));
+}
+
+// PINGREQ has no variable header and no payload (both versions); a 3.1.1 PUBACK is
+// exactly its packet identifier. (A 3.1.1 DISCONNECT with a body: engine tests, since
+// only the will tells its close from a normal one.)
+
+#[test]
+fn pingreq_remaining_length_one_v5() {
+    let bad = [0xC0, 0x01, 0x00];
+    after_connect("PINGREQ of length 1", V::V5, &bad, malformed(V::V5));
+}
+
+#[test]
+fn pingreq_remaining_length_one_v3() {
+    let bad = [0xC0, 0x01, 0x00];
+    after_connect("PINGREQ of length 1", V::V3, &bad, malformed(V::V3));
+}
+
+#[test]
+fn puback_remaining_length_three_v3() {
+    let bad = [0x40, 0x03, 0x00, 0x01, 0x00];
+    after_connect("PUBACK of length 3", V::V3, &bad, malformed(V::V3));
+}
+
+// MQTT-3.10.3-2: an UNSUBSCRIBE must name at least one topic filter (v5: protocol error).
+
+#[test]
+fn unsubscribe_without_filters_v5() {
+    let bad = [0xA2, 0x03, 0x00, 0x01, 0x00];
+    let expect = Expect::Disconnect(&[0x82]);
+    after_connect("UNSUBSCRIBE without filters", V::V5, &bad, expect);
+}
+
+#[test]
+fn unsubscribe_without_filters_v3() {
+    let bad = [0xA2, 0x02, 0x00, 0x01];
+    after_connect("UNSUBSCRIBE without filters", V::V3, &bad, Expect::Close);
+}
+
 // MQTT-3.3.1-4: a PUBLISH with both QoS bits set is malformed.
 fn publish_qos3(v: V) {
     let bad = publish_byte1(v, 0x36, b"a/b", Some(1), &[], b"x");
@@ -596,6 +650,57 @@ fn qos2_receive_maximum_exceeded_v5() {
                 );
             }
             c.send(&publish(V::V5, b"rm/t", 2, max + 1, &[], b"x"));
+        },
+        Expect::Disconnect(&[0x93]),
+    );
+}
+
+// The same, with the client still sending after the violation (a pipelining client does
+// not wait for acknowledgements): closing at once with its bytes unread would send RST,
+// and the client could lose the DISCONNECT 0x93 before reading it. The broker shuts down
+// its write side after the DISCONNECT and drains the client's input: DISCONNECT, then EOF.
+#[test]
+fn receive_maximum_exceeded_while_pipelining_v5() {
+    scenario(
+        "receive maximum exceeded, client still sending",
+        V::V5,
+        &[],
+        true,
+        |c, connack| {
+            let max = connack_u16(connack, 0x21).unwrap_or(u16::MAX);
+            assert!(
+                max < 1000,
+                "CONNACK Receive Maximum {max}: too many to test"
+            );
+            let mut all = Vec::new();
+            for pkid in 1..=max + 1 {
+                all.extend(publish(V::V5, b"rm/t", 2, pkid, &[], b"x"));
+            }
+            // Far more than one read of the broker (64 KiB), far less than it drains (1 MiB).
+            let filler = publish(V::V5, b"rm/t", 0, 0, &[], &[b'f'; 1000]);
+            for _ in 0..512 {
+                all.extend_from_slice(&filler);
+            }
+            let mut writer = c.stream.try_clone().expect("clone the stream");
+            let sending = std::thread::spawn(move || {
+                use std::io::Write;
+                let result = writer.write_all(&all);
+                let _ = writer.shutdown(std::net::Shutdown::Write);
+                result
+            });
+            for pkid in 1..=max {
+                let p = c
+                    .read_packet()
+                    .expect("read PUBREC")
+                    .expect("PUBREC, got EOF");
+                assert!(
+                    p[0] == 0x50 && body(&p)[..2] == pkid.to_be_bytes(),
+                    "expected PUBREC {pkid}, got {}",
+                    hex(&p)
+                );
+            }
+            let sent = sending.join().expect("writer thread");
+            assert!(sent.is_ok(), "the broker refused input: {sent:?}");
         },
         Expect::Disconnect(&[0x93]),
     );

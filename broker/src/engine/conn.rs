@@ -168,10 +168,44 @@ impl Conn {
         self.driver.index()
     }
 
-    /// Encodes `packet` into the output buffer and wakes the driver.
+    /// Encodes `packet` into the output buffer and wakes the driver. A packet over the
+    /// client's Maximum Packet Size is shrunk or withheld (see [`Conn::try_send`]).
     pub fn send(&mut self, packet: &Packet) {
+        self.try_send(packet);
+    }
+
+    /// As [`Conn::send`]; false if the packet was withheld because it exceeds the client's
+    /// v5 Maximum Packet Size even without its Reason String and User Properties
+    /// (MQTT-3.1.2-24: the server must not send it; -25: those two are left out first).
+    /// PUBLISH never gets here too large: `deliver.rs` drops those as if sent.
+    pub fn try_send(&mut self, packet: &Packet) -> bool {
+        let before = self.out.len();
         protocol::write_packet(&mut self.out, self.version, packet);
+        let fits = self.out.len() - before <= self.client_max_packet as usize;
+        let sent = fits || self.send_shrunk(packet, before);
         self.wake();
+        sent
+    }
+
+    /// `packet` did not fit: encodes it again without its optional properties, or not at all.
+    #[cold]
+    fn send_shrunk(&mut self, packet: &Packet, before: usize) -> bool {
+        self.out.truncate(before);
+        let limit = self.client_max_packet as usize;
+        if let Some(smaller) = protocol::without_optional_properties(packet) {
+            protocol::write_packet(&mut self.out, self.version, &smaller);
+            if self.out.len() - before <= limit {
+                tracing::debug!(conn = self.key, limit, "reason string and user properties left out to fit the client's maximum packet size");
+                return true;
+            }
+            self.out.truncate(before);
+        }
+        tracing::warn!(
+            conn = self.key,
+            limit,
+            "packet not sent: larger than the client's maximum packet size: {packet:?}"
+        );
+        false
     }
 
     pub fn aliases(&mut self) -> &mut TopicAliases {

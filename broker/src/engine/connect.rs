@@ -91,6 +91,9 @@ impl Engine {
         now: Instant,
     ) {
         let connect_bytes = self.connect_bytes.take();
+        // Taken so it never outlives this CONNECT. mqttd has no authentication yet; when
+        // it does, this (not `_login`, whose password the codec leaves empty) is checked.
+        let _password = self.connect_password.take();
         let v5 = self.conns[key].version.is_v5();
         if !self.admit_connect(key, &connect, will.as_ref(), v5, connect_bytes) {
             return;
@@ -285,7 +288,13 @@ impl Engine {
         self.sessions[skey].will = will.map(|w| Box::new(will_from(w, skey, now)));
         let conn = &mut self.conns[key];
         conn.state = ConnState::Active;
-        conn.send(&connack(session_present, ConnectReturnCode::Success, props));
+        if !conn.try_send(&connack(session_present, ConnectReturnCode::Success, props)) {
+            // Even the CONNACK exceeds the client's Maximum Packet Size: it may not be sent
+            // (MQTT-3.1.2-24), and a client never answered cannot go on. No will: to the
+            // client the connection never started.
+            self.stats.protocol_errors += 1;
+            return self.end_connection(key, false, now);
+        }
         tracing::debug!(conn = key, client_id = %self.sessions[skey].client_id, session_present, "connected");
         self.resume_delivery(skey, now);
     }

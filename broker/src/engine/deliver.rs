@@ -95,20 +95,31 @@ impl Engine {
             return;
         };
         let conn = &mut self.conns[ckey];
-        for m in session.inflight.iter() {
-            match m.state {
-                InflightState::AwaitingAck => {
-                    send_publish(
-                        conn,
-                        &m.msg,
-                        &m.delivery,
-                        m.pkid,
-                        true,
-                        now,
-                        &mut self.stats,
-                    );
+        let mut pos = 0;
+        while let Some(m) = session.inflight.get(pos) {
+            let sent = match m.state {
+                InflightState::AwaitingAck => send_publish(
+                    conn,
+                    &m.msg,
+                    &m.delivery,
+                    m.pkid,
+                    true,
+                    now,
+                    &mut self.stats,
+                ),
+                InflightState::AwaitingComp => {
+                    conn.send(&pubrel(m.pkid, PubRelReason::Success));
+                    true
                 }
-                InflightState::AwaitingComp => conn.send(&pubrel(m.pkid, PubRelReason::Success)),
+            };
+            if sent {
+                pos += 1;
+            } else {
+                // Over the Maximum Packet Size this connection allows (it may be smaller
+                // than the last one's): discarded as if sent (v5 §3.1.2.11.4), so it must
+                // leave the window too, or no acknowledgement would ever free its slot.
+                tracing::debug!(client_id = %session.client_id, pkid = m.pkid, "inflight message too large for the resumed connection: discarded");
+                session.remove_inflight(pos);
             }
         }
         self.pump_queue(skey, now);

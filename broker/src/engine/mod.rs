@@ -80,6 +80,8 @@ pub struct Engine {
     me: NodeId,
     /// Set while a CONNECT is decoded: the bytes to pass on if the client id lives elsewhere.
     connect_bytes: Option<bytes::Bytes>,
+    /// Set while a CONNECT is handled: its password, as bytes (see [`protocol::ConnectFrame`]).
+    connect_password: Option<bytes::Bytes>,
     /// The transport drivers, by [`DriverId`]: their dirty lists, handoffs and adoptions.
     drivers: Vec<DriverSlot>,
     /// Connections with acknowledgements held for a cluster barrier.
@@ -136,6 +138,7 @@ impl Engine {
             cluster,
             me,
             connect_bytes: None,
+            connect_password: None,
             drivers: Vec::new(),
             parked_subacks: Vec::new(),
             route_barrier: None,
@@ -262,9 +265,10 @@ impl Engine {
             }
             let read = match conn.state {
                 ConnState::AwaitingConnect => protocol::read_connect(buf, max).map(|r| {
-                    r.map(|(version, packet)| {
-                        conn.version = version;
-                        packet
+                    r.map(|frame| {
+                        conn.version = frame.version;
+                        self.connect_password = frame.password;
+                        frame.packet
                     })
                 }),
                 _ => protocol::read_packet(buf, conn.version, max),
@@ -627,3 +631,5 @@ mod tests;
 mod tests_cluster;
 #[cfg(test)]
 mod tests_limits;
+#[cfg(test)]
+mod tests_spec;

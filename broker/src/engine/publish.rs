@@ -465,7 +465,13 @@ impl Engine {
                 session.expiry_secs = expiry.min(self.config.limits.max_session_expiry_secs);
             }
         }
-        let with_will = d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
+        // Only Normal disconnection (0x00) deletes the will (v5 §3.14.4, MQTT-3.14.4-3):
+        // 0x04 asks for it, and any error reason the client gives is an abnormal end.
+        // A 3.1.1 DISCONNECT is decoded as 0x00.
+        let with_will = d.reason_code != DisconnectReasonCode::NormalDisconnection;
+        if with_will {
+            tracing::debug!(conn = key, reason = ?d.reason_code, "client DISCONNECT: will is due");
+        }
         self.conns[key].close();
         self.end_connection(key, with_will, now);
     }

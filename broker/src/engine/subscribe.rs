@@ -272,6 +272,11 @@ impl Engine {
     }
 
     pub(super) fn handle_unsubscribe(&mut self, key: ConnKey, u: Unsubscribe, now: Instant) {
+        if u.filters.is_empty() {
+            // MQTT-3.10.3-2 (the codec crate lets it through, unlike an empty SUBSCRIBE).
+            let reason = DisconnectReasonCode::ProtocolError;
+            return self.protocol_error(key, reason, "UNSUBSCRIBE without a topic filter", now);
+        }
         if u.filters.iter().any(|f| f.contains('\0')) {
             let reason = DisconnectReasonCode::MalformedPacket;
             return self.protocol_error(key, reason, "U+0000 in a topic filter", now);

@@ -117,7 +117,7 @@ pub(super) fn publishes(packets: &[Packet]) -> Vec<&Publish> {
         .collect()
 }
 
-fn will(topic: &str, delay: u32) -> LastWill {
+pub(super) fn will(topic: &str, delay: u32) -> LastWill {
     let props = LastWillProperties {
         delay_interval: Some(delay),
         payload_format_indicator: None,

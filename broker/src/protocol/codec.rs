@@ -4,7 +4,7 @@
 //! slices of it without a copy. Writes append to the connection's output buffer; PUBLISH,
 //! the one packet on the hot path, is encoded here directly so that it costs no allocation.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5 as codec_v5;
 
 use super::framing::{self, packet_type, FrameError, FrameHeader};
@@ -70,12 +70,25 @@ impl std::fmt::Display for DecodeError {
     }
 }
 
-/// Reads the first packet of a connection, which must be a CONNECT; returns the version it asks for.
+/// A decoded CONNECT.
+#[derive(Debug)]
+pub struct ConnectFrame {
+    /// The protocol version it asks for.
+    pub version: Version,
+    /// `Packet::Connect`. Its `Login` never carries the password (see `password`).
+    pub packet: Packet,
+    /// The password: Binary Data (3.1.1 §3.1.3.5, 5.0 §3.1.3.6), any bytes. The codec
+    /// crate's `Login` holds a `String` and would refuse a CONNECT whose password is not
+    /// UTF-8, so it is taken out of the frame before the codec sees it.
+    pub password: Option<Bytes>,
+}
+
+/// Reads the first packet of a connection, which must be a CONNECT.
 /// `Ok(None)`: more bytes are needed.
 pub fn read_connect(
     buf: &mut BytesMut,
     max_packet_size: u32,
-) -> Result<Option<(Version, Packet)>, DecodeError> {
+) -> Result<Option<ConnectFrame>, DecodeError> {
     let header = match framing::parse_header(buf, max_packet_size) {
         Ok(h) => h,
         Err(FrameError::Incomplete) => return Ok(None),
@@ -85,11 +98,76 @@ pub fn read_connect(
         return Err(DecodeError::NotConnect(header.packet_type));
     }
     let version = connect_version(&buf[header.header_len..header.frame_len()])?;
-    let packet = decode(buf, header, version).map_err(|e| DecodeError::BadConnect {
+    let bad_connect = |why: String| DecodeError::BadConnect { version, why };
+    let mut frame = buf.split_to(header.frame_len());
+    let password = take_password(&mut frame, header, version).map_err(bad_connect)?;
+    // Parsed again: taking the password out shortens the frame.
+    let header = framing::parse_header(&frame, u32::MAX)
+        .map_err(|e| bad_connect(DecodeError::Frame(e).to_string()))?;
+    let packet = decode(&mut frame, header, version).map_err(|e| bad_connect(e.to_string()))?;
+    Ok(Some(ConnectFrame {
         version,
-        why: e.to_string(),
-    })?;
-    Ok(Some((version, packet)))
+        packet,
+        password,
+    }))
+}
+
+/// Removes the password field from a whole CONNECT `frame` (clearing its flag and
+/// rewriting the remaining length) and returns it. The payload is walked field by field
+/// as MQTT-3.1.3-1 orders it; the password is the last one.
+fn take_password(
+    frame: &mut BytesMut,
+    header: FrameHeader,
+    version: Version,
+) -> Result<Option<Bytes>, String> {
+    let body = &frame[header.header_len..];
+    let name_len = u16::from_be_bytes([body[0], body[1]]) as usize;
+    // Name, level, flags, keep-alive (connect_version checked they are there).
+    let flags_at = 2 + name_len + 1;
+    let flags = body[flags_at];
+    if flags & 0b0100_0000 == 0 {
+        return Ok(None);
+    }
+    let truncated = || "truncated CONNECT".to_string();
+    let mut at = flags_at + 3;
+    let skip_properties = |at: usize| -> Option<usize> {
+        let (len, n) = var_int(body.get(at..)?)?;
+        Some(at + n + len)
+    };
+    let skip_field = |at: usize| -> Option<usize> {
+        let len = u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]) as usize;
+        Some(at + 2 + len)
+    };
+    if version.is_v5() {
+        at = skip_properties(at).ok_or_else(truncated)?;
+    }
+    at = skip_field(at).ok_or_else(truncated)?; // client id
+    if flags & 0b100 != 0 {
+        if version.is_v5() {
+            at = skip_properties(at).ok_or_else(truncated)?;
+        }
+        at = skip_field(at).ok_or_else(truncated)?; // will topic
+        at = skip_field(at).ok_or_else(truncated)?; // will payload
+    }
+    if flags & 0b1000_0000 != 0 {
+        at = skip_field(at).ok_or_else(truncated)?; // user name
+    }
+    let end = skip_field(at).ok_or_else(truncated)?;
+    if end > body.len() {
+        return Err(truncated());
+    }
+    if end != body.len() {
+        return Err("bytes after the password".into());
+    }
+    let password = Bytes::copy_from_slice(&body[at + 2..end]);
+    let mut rebuilt = BytesMut::with_capacity(frame.len());
+    rebuilt.put_u8(frame[0]);
+    framing::put_var_int(&mut rebuilt, header.remaining_len - (end - at));
+    let body_at = rebuilt.len();
+    rebuilt.extend_from_slice(&body[..at]);
+    rebuilt[body_at + flags_at] &= !0b0100_0000;
+    *frame = rebuilt;
+    Ok(Some(password))
 }
 
 /// Reads the protocol name, level and flags of a CONNECT body.
@@ -161,6 +239,7 @@ fn decode(
         let _ = buf.split_to(header.frame_len());
         return Err(DecodeError::UnexpectedAuth);
     }
+    check_reserved(&buf[header.header_len..header.frame_len()], header, version)?;
     if header.packet_type == packet_type::DISCONNECT && header.remaining_len <= 1 {
         // A v5 DISCONNECT may omit its reason code, or its property length (MQTT 5.0
         // §3.14.2.2.1); the codec crate refuses both short forms.
@@ -185,6 +264,67 @@ fn decode(
         // The codec split the whole frame off before failing, so `buf` stays aligned.
         Err(why) => Err(DecodeError::Malformed(why)),
     }
+}
+
+/// The fixed remaining lengths and the reserved bits of a body, which the codec crate
+/// does not check: a packet breaking them is malformed (v5: DISCONNECT 0x81; 3.1.1: the
+/// connection is closed). Anything the walk cannot follow is left to the codec to refuse.
+fn check_reserved(body: &[u8], header: FrameHeader, version: Version) -> Result<(), DecodeError> {
+    use packet_type::*;
+    let v311 = version == Version::V311;
+    let fixed_len = match header.packet_type {
+        // No variable header and no payload (3.1.1 §3.12, §3.14; 5.0 §3.12).
+        PINGREQ => Some(0),
+        DISCONNECT if v311 => Some(0),
+        // Only the packet identifier in 3.1.1 (§3.4-3.7); v5 may add a reason and properties.
+        PUBACK | PUBREC | PUBREL | PUBCOMP if v311 => Some(2),
+        _ => None,
+    };
+    if let Some(len) = fixed_len.filter(|&len| len != header.remaining_len) {
+        return Err(DecodeError::Malformed(format!(
+            "packet type {} with remaining length {} (must be {len})",
+            header.packet_type, header.remaining_len
+        )));
+    }
+    if header.packet_type == SUBSCRIBE {
+        // 3.1.1: the upper 6 bits of the requested QoS byte (MQTT-3.8.3-4); v5: bits 6
+        // and 7 of the subscription options (MQTT-3.8.3-5).
+        let reserved = if v311 { 0b1111_1100 } else { 0b1100_0000 };
+        if let Some(options) = subscription_options(body, version).find(|o| o & reserved != 0) {
+            return Err(DecodeError::Malformed(format!(
+                "reserved bits set in subscription options {options:#04x}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The options byte of each topic filter of a SUBSCRIBE body, as far as it can be walked.
+fn subscription_options(body: &[u8], version: Version) -> impl Iterator<Item = u8> + '_ {
+    // Packet identifier, then (v5) the property block.
+    let mut at = Some(2);
+    if version.is_v5() {
+        at = body.get(2..).and_then(var_int).map(|(len, n)| 2 + n + len);
+    }
+    std::iter::from_fn(move || {
+        let pos = at?;
+        let len = u16::from_be_bytes([*body.get(pos)?, *body.get(pos + 1)?]) as usize;
+        let options = *body.get(pos + 2 + len)?;
+        at = Some(pos + 3 + len);
+        Some(options)
+    })
+}
+
+/// A variable byte integer at the start of `bytes`: (value, bytes it takes).
+fn var_int(bytes: &[u8]) -> Option<(usize, usize)> {
+    let mut value = 0usize;
+    for (i, &b) in bytes.iter().take(4).enumerate() {
+        value |= usize::from(b & 0x7F) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
 }
 
 /// Appends `packet` to `out` in the encoding of `version`. Packets a 3.1.1 client cannot

@@ -33,6 +33,12 @@ const EVENTS_PER_TURN: usize = 1024;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a shutdown waits for connections to flush their DISCONNECT.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// Input a closed connection may still send (read and discarded) after its last bytes
+/// were flushed and its write side shut down, and for how long.
+const LINGER_MAX_BYTES: usize = 1024 * 1024;
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// Epoll tokens from here up are lingering sockets (by linger id), not connections.
+const LINGER_BASE: usize = 1 << 48;
 const LISTENER: Token = Token(usize::MAX);
 
 pub struct TcpReactor {
@@ -51,6 +57,20 @@ pub struct TcpReactor {
     accept_paused_until: Option<Instant>,
     /// Throttled connections (over their publish rate) and when to read them again.
     paused_reads: Vec<(Instant, ConnKey)>,
+    /// Sockets of closed connections, write side shut down after their last bytes, whose
+    /// input is drained before they are dropped. Dropping a socket while the client's bytes
+    /// sit unread in it sends RST, and the client could lose the DISCONNECT it has not
+    /// read yet; so input is read and discarded until EOF, `LINGER_MAX_BYTES` or
+    /// `LINGER_TIME`. The engine is told the connection is gone when lingering starts.
+    lingering: Vec<Lingering>,
+    next_linger_id: usize,
+}
+
+struct Lingering {
+    id: usize,
+    stream: TcpStream,
+    discarded: usize,
+    until: Instant,
 }
 
 /// Why the loop woke up.
@@ -60,6 +80,8 @@ enum Wake {
     AcceptRetry,
     /// A throttled connection's pause ended.
     ResumeReads,
+    /// A lingering socket's time is up.
+    LingerEnd,
     Shutdown,
     DrainDeadline,
 }
@@ -98,6 +120,8 @@ impl TcpReactor {
             dirty: Vec::new(),
             accept_paused_until: None,
             paused_reads: Vec::new(),
+            lingering: Vec::new(),
+            next_linger_id: 0,
         })
     }
 
@@ -125,6 +149,7 @@ impl TcpReactor {
             }
             let accept_retry = self.accept_paused_until;
             let resume_at = self.paused_reads.iter().map(|&(at, _)| at).min();
+            let linger_end = self.lingering.iter().map(|l| l.until).min();
             let draining = drain_deadline.is_some();
             let deadline = drain_deadline.unwrap_or_else(tokio::time::Instant::now);
             let wake = tokio::select! {
@@ -136,11 +161,16 @@ impl TcpReactor {
                 _ = poll_fn(|cx| self.engine.borrow().poll_dirty(self.driver, cx)) => Wake::Io,
                 _ = sleep_until(accept_retry), if accept_retry.is_some() => Wake::AcceptRetry,
                 _ = sleep_until(resume_at), if resume_at.is_some() => Wake::ResumeReads,
+                _ = sleep_until(linger_end), if linger_end.is_some() => Wake::LingerEnd,
                 _ = &mut shutdown, if !draining => Wake::Shutdown,
                 _ = tokio::time::sleep_until(deadline), if draining => Wake::DrainDeadline,
             };
             match wake {
                 Wake::Io => {}
+                Wake::LingerEnd => {
+                    let now = Instant::now();
+                    self.lingering.retain(|l| l.until > now);
+                }
                 Wake::AcceptRetry => {
                     self.accept_paused_until = None;
                     self.accept_all();
@@ -182,9 +212,15 @@ impl TcpReactor {
         }
         let mut to_read = std::mem::take(&mut self.unfinished_reads);
         let mut accept = false;
+        let mut lingering = Vec::new();
         for event in self.events.iter() {
             match event.token() {
                 LISTENER => accept = true,
+                Token(id) if id >= LINGER_BASE => {
+                    if event.is_readable() || event.is_read_closed() || event.is_error() {
+                        lingering.push(id - LINGER_BASE);
+                    }
+                }
                 Token(key) => {
                     if event.is_readable() || event.is_read_closed() || event.is_error() {
                         to_read.push(key);
@@ -195,6 +231,9 @@ impl TcpReactor {
                     }
                 }
             }
+        }
+        for id in lingering {
+            self.discard_input(id);
         }
         if accept && self.accept_paused_until.is_none() {
             self.accept_all();
@@ -317,6 +356,7 @@ impl TcpReactor {
                 return;
             };
             if engine.is_closing(key) {
+                // Unread until its output is flushed (then `linger` drains it).
                 return;
             }
             engine.prepare_read(key, &mut self.scratch);
@@ -409,10 +449,77 @@ impl TcpReactor {
             engine.output_flushed(key, written);
         }
         let drained = engine.output(key).is_none_or(|out| out.is_empty());
-        let done = engine.is_closing(key) && (drained || engine.should_abort(key));
+        let closing = engine.is_closing(key);
+        let abort = engine.should_abort(key);
         drop(engine);
-        if failed || done {
+        if failed || (closing && abort) {
             self.close(key);
+        } else if closing && drained {
+            self.linger(key);
+        }
+    }
+
+    /// All output of a closing connection is written: the engine is done with it, the
+    /// socket sends FIN after the last bytes (the client reads everything, then EOF) and
+    /// lingers, draining what the client still sends, before it is dropped.
+    fn linger(&mut self, key: ConnKey) {
+        let Some(mut stream) = self.streams.get_mut(key).and_then(Option::take) else {
+            return;
+        };
+        let id = self.next_linger_id;
+        let token = Token(LINGER_BASE + id);
+        let lingers = stream.shutdown(std::net::Shutdown::Write).is_ok()
+            && self
+                .poll
+                .registry()
+                .reregister(&mut stream, token, Interest::READABLE)
+                .is_ok();
+        if lingers {
+            self.next_linger_id += 1;
+            self.lingering.push(Lingering {
+                id,
+                stream,
+                discarded: 0,
+                until: Instant::now() + LINGER_TIME,
+            });
+            // Epoll is edge-triggered: input that arrived while the output was flushing
+            // raised no new event, so drain it now.
+            self.discard_input(id);
+        } else {
+            let _ = self.poll.registry().deregister(&mut stream);
+        }
+        self.engine
+            .borrow_mut()
+            .connection_lost(key, Instant::now());
+    }
+
+    /// Reads and drops a lingering socket's input (all there is: epoll is edge-triggered);
+    /// drops the socket at EOF, on an error or past `LINGER_MAX_BYTES`.
+    fn discard_input(&mut self, id: usize) {
+        let Some(at) = self.lingering.iter().position(|l| l.id == id) else {
+            return;
+        };
+        let l = &mut self.lingering[at];
+        let done = loop {
+            self.scratch.clear();
+            match read_into(&mut l.stream, &mut self.scratch) {
+                Ok(0) => break true,
+                Ok(n) => {
+                    l.discarded += n;
+                    if l.discarded > LINGER_MAX_BYTES {
+                        tracing::debug!("dropping a closed connection still sending");
+                        break true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break true,
+            }
+        };
+        self.scratch.clear();
+        if done {
+            // Dropping the stream closes it (and takes it out of epoll).
+            self.lingering.swap_remove(at);
         }
     }
 
