@@ -916,15 +916,17 @@ fn qos2_pairs_full_speed_4_workers_lose_nothing() {
 // 2. Rolling restart under load, persistent subscribers
 // ------------------------------------------------------------------------------------------
 
-/// Persistent subscribers (4 per worker) and, on another worker each, a publisher at 100
+/// Persistent subscribers (4 per worker) and, on another worker each, a publisher at 500
 /// messages a second (QoS 1): SIGHUP, wait for the roll, keep publishing until every
-/// subscriber got 100 more, then stop. Every acknowledged message must arrive.
+/// subscriber got 500 more, then stop. Every acknowledged message must arrive.
 ///
-/// The rate keeps each subscriber's queue far below the default `max_queued_messages`
-/// (1000) while it reconnects: at 100/s it would take 10 s offline to reach it, so this
-/// tests the handover, not the queue limit (left at its default).
+/// The rate is high enough that messages are in flight at every step of the handover
+/// (forwards to a draining worker, sessions being imported). So that the offline queue
+/// limit cannot be what loses them, `max_queued_messages` is raised from 1000 to 100000
+/// (at 500/s a subscriber would have to stay offline for 200 s to reach it): this tests
+/// the handover, not the queue limit.
 async fn rolling_restart_under_load(workers: u16) {
-    let mut broker = Broker::start_workers(workers, &[]);
+    let mut broker = Broker::start_workers(workers, &["limits.max_queued_messages=100000"]);
     let n = 4 * u32::from(workers);
     let size = 64;
     let subs: Vec<Sub> = (0..n)
@@ -955,11 +957,11 @@ async fn rolling_restart_under_load(workers: u16) {
                     pubid: i,
                     topic: format!("lossless/roll/{i}"),
                     qos: QoS::AtLeastOnce,
-                    // 120 s at 100/s: the bound if `stop` never came.
-                    count: 12_000,
+                    // 120 s at 500/s: the bound if `stop` never came.
+                    count: 60_000,
                     size,
                     window: 16,
-                    pace: Some(Duration::from_millis(10)),
+                    pace: Some(Duration::from_millis(2)),
                 },
                 stop.clone(),
                 true,
@@ -972,14 +974,14 @@ async fn rolling_restart_under_load(workers: u16) {
             .all(|(s, &m)| lock(&s.tally).distinct >= m)
             .then_some(())
     };
-    let start = vec![50; subs.len()];
+    let start = vec![500; subs.len()];
     assert!(
         poll_until(STEP, || flowing(&start)).await.is_some(),
         "load not flowing before the roll"
     );
     roll(&mut broker, workers, Duration::from_secs(90)).await;
-    // Load goes on after the roll: every subscriber gets 100 more messages.
-    let after: Vec<u32> = subs.iter().map(|s| lock(&s.tally).distinct + 100).collect();
+    // Load goes on after the roll: every subscriber gets 500 more messages.
+    let after: Vec<u32> = subs.iter().map(|s| lock(&s.tally).distinct + 500).collect();
     let resumed = poll_until(Duration::from_secs(30), || flowing(&after)).await;
     stop.store(true, Ordering::Relaxed);
     let finished = publishers_done(&pubs, STEP).await;
