@@ -1101,6 +1101,12 @@ fn a_300_mb_offline_session_survives_a_rolling_restart() {
                 persistent: true,
             },
         );
+        let connack = poll_until(STEP, || lock(&sub.tally).session_present.first().copied()).await;
+        assert_eq!(
+            connack,
+            Some(true),
+            "the session did not survive the roll (CONNACK session present)"
+        );
         let pairs = [(&sub, &pubs[0])];
         delivered(&pairs, Duration::from_secs(120)).await;
         let o = outcome(&pairs, true);
