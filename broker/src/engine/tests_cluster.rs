@@ -809,3 +809,46 @@ fn session_behind_holds_the_peer_link_until_it_catches_up_and_drops_nothing() {
     assert_eq!(w.node(1).engine.stats.dropped_queue_full, 0);
     assert!(w.node(1).engine.stats.peer_links_held > 0);
 }
+
+#[test]
+fn delayed_will_moves_with_its_session_and_fires_on_the_successor() {
+    let mut w = Workers::new(2);
+    let node1 = w.id(1);
+    let watcher = w.connect(0, "watcher");
+    w.subscribe(0, watcher, "wills", QoS::AtLeastOnce);
+    let id = w.client_id(1, "mortal");
+    let will = super::tests::will("wills", 30);
+    let client = w.node(1).connect(&id, false, 3600, Some(will));
+    let now = w.now;
+    // Gone without DISCONNECT: the will is due in 30 s.
+    w.node(1).engine.connection_lost(client, now);
+    w.settle();
+    assert!(w.payloads(0, watcher).is_empty());
+
+    let mut old = w.nodes[1].take().unwrap();
+    let mut successor = w.start_with(node1, LoopbackNet::replace);
+    successor.h.engine.begin_takeover();
+    w.nodes[1] = Some(successor);
+    w.settle();
+    let images = Workers::export(&w.net, &mut old);
+    assert_eq!(images[0].will.as_ref().map(|w| w.due_in), Some(30));
+    drop(old);
+    let inbox = w.nodes[1].as_ref().unwrap().inbox.clone();
+    for image in images {
+        inbox.push(ClusterEvent::SessionImported(Box::new(image)));
+    }
+    w.settle();
+    let now = w.now;
+    w.node(1).engine.end_takeover(now);
+    w.settle();
+    w.node(1).advance(29);
+    w.settle();
+    assert!(w.payloads(0, watcher).is_empty(), "not before its delay");
+    w.node(1).advance(2);
+    w.settle();
+    assert_eq!(
+        w.payloads(0, watcher),
+        ["gone"],
+        "published by the successor"
+    );
+}
