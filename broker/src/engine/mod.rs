@@ -10,7 +10,8 @@
 //! retained, wills, routing), `deliver.rs` (to one session: window, queue, redelivery,
 //! acks) and `subscribe.rs`; `drivers.rs` is the engine's side of the transport drivers,
 //! `cluster_io.rs` what the cluster tells this worker ([`Engine::handle_cluster`]),
-//! `handover.rs` sessions moving to a successor, `sys.rs` `$SYS`.
+//! `handover.rs` sessions moving to a successor (and a successor taking over), `flow.rs`
+//! backpressure (who waits for a destination that is behind), `sys.rs` `$SYS`.
 
 mod accounting;
 mod cluster_io;
