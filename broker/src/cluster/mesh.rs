@@ -415,13 +415,17 @@ impl Lifecycle for MeshLifecycle {
     ) -> LocalFuture<'a, ()> {
         Box::pin(async move {
             let me = self.state.borrow().me.clone();
+            let Some((stream, successor)) = connect_successor(&me).await else {
+                // The whole broker is stopping: nowhere to hand anything to.
+                return;
+            };
             // Every message a peer sent here before switching to the successor is in (the
             // export takes the sessions with them).
             wait_until(&self.state, SWITCH_DEADLINE, |st| {
                 st.inbound.iter().all(|&n| n == 0)
             })
             .await;
-            hand_over_sessions(&me, export).await;
+            hand_over_sessions(&me, &stream, successor, export).await;
             // Messages this worker forwarded (and acknowledged to their publishers) leave
             // before it exits.
             let flushed = wait_until(&self.state, SWITCH_DEADLINE, |st| {
@@ -884,26 +888,14 @@ fn link_closed(peer: Option<(u16, u32)>, superseded: bool, state: &Rc<RefCell<Me
     }
 }
 
-/// After a drain: sends this worker's persistent sessions to its successor, the process now
-/// listening on this worker's socket (a rolling restart). Without a successor (the whole
-/// broker is stopping) there is nowhere to send them: the embedded backend keeps no state
-/// outside the workers.
+/// After a drain: sends this worker's persistent sessions to its successor (connected on
+/// `stream`), the process now listening on this worker's socket (a rolling restart).
 async fn hand_over_sessions(
     me: &WorkerIdentity,
+    stream: &UnixStream,
+    successor: u32,
     export: Box<dyn FnOnce() -> Vec<SessionImage> + '_>,
 ) {
-    let path = socket_path(&me.mesh_dir, me.index);
-    let Ok(stream) = UnixStream::connect(&path).await else {
-        return;
-    };
-    let successor = stream
-        .peer_cred()
-        .ok()
-        .and_then(|c| c.pid())
-        .map(|p| p as u32);
-    if successor.is_none_or(|pid| pid == std::process::id()) {
-        return;
-    }
     let images = export();
     let count = images.len();
     let now = Instant::now();
@@ -919,7 +911,7 @@ async fn hand_over_sessions(
         for frame in frames.chain(std::iter::once(Frame::HandoverEnd)) {
             wire::encode(&mut out, &frame, now);
             drop(frame);
-            write_all(&stream, &out).await?;
+            write_all(stream, &out).await?;
             out.clear();
         }
         Ok::<(), std::io::Error>(())
@@ -927,11 +919,20 @@ async fn hand_over_sessions(
     match sent.await {
         Ok(()) => tracing::info!(
             sessions = count,
-            ?successor,
+            successor,
             "sessions handed to the successor"
         ),
         Err(e) => tracing::warn!(sessions = count, "handing sessions over failed: {e}"),
     }
+}
+
+/// The process now listening on this worker's socket, if it is another one (a rolling
+/// restart's successor), connected, with its pid.
+async fn connect_successor(me: &WorkerIdentity) -> Option<(UnixStream, u32)> {
+    let path = socket_path(&me.mesh_dir, me.index);
+    let stream = UnixStream::connect(&path).await.ok()?;
+    let pid = stream.peer_cred().ok()?.pid()? as u32;
+    (pid != std::process::id()).then_some((stream, pid))
 }
 
 /// A session as frames of at most about `SESSION_CHUNK` bytes of messages each (but at
