@@ -42,6 +42,13 @@ pub struct ClusterConfig {
     pub pin_cores: bool,
     /// Seconds a draining worker (SIGTERM, rolling restart) gets before it is killed.
     pub drain_timeout_secs: u64,
+    /// Milliseconds a SUBACK (new route) or a retained PUBLISH's acknowledgement waits for
+    /// every peer to confirm a barrier; past it (a hung peer) it goes out anyway, logged
+    /// and counted. Checked by the 1 s tick, so it may be up to a second late.
+    pub barrier_timeout_ms: u64,
+    /// Seconds a rolling restart's replacement worker gets to become ready; past it, it
+    /// is killed, the old worker keeps serving, and the roll moves to the next slot.
+    pub ready_timeout_secs: u64,
     /// Directory for the workers' Unix sockets; empty = a fresh directory under the
     /// system temp dir, removed at exit.
     pub mesh_dir: String,
@@ -63,6 +70,8 @@ impl Default for ClusterConfig {
             workers: 0,
             pin_cores: true,
             drain_timeout_secs: 10,
+            barrier_timeout_ms: 5_000,
+            ready_timeout_secs: 60,
             mesh_dir: String::new(),
         }
     }

@@ -69,6 +69,7 @@ const COUNTERS: &[(&str, &str, &[&str])] = &[
     ("mqttd_handoffs_total", "", &[]),
     ("mqttd_protocol_errors_total", "", &[]),
     ("mqttd_keepalive_timeouts_total", "", &[]),
+    ("mqttd_barrier_timeouts_total", "", &[]),
     ("mqttd_takeovers_total", "", &[]),
     ("mqttd_rate_limited_total", "kind", &["connect", "publish"]),
     ("mqttd_slow_consumer_disconnects_total", "", &[]),

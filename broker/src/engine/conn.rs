@@ -80,6 +80,11 @@ pub struct Conn {
     pub admission: Admission,
     /// The last flush left output the socket would not take: the client is not draining.
     pub backlogged: bool,
+    /// A SUBSCRIBE of this connection waits for a cluster barrier (`ParkedSubAck`): the
+    /// packets read after it wait, undecoded, in `partial`, so that they take effect after
+    /// it (MQTT-4.6), as they would on one worker. Bounded by the barrier timeout and by
+    /// the connection's memory budget (`partial` is charged to it).
+    pub input_held: bool,
     /// Bytes the transport driver keeps for this connection (see `accounting.rs`).
     pub transport_bytes: u32,
     /// Publish rate limit state (unused when no publish rate is configured).
@@ -129,6 +134,7 @@ impl Conn {
             keep_alive: 0,
             admission,
             backlogged: false,
+            input_held: false,
             transport_bytes: 0,
             publish_buckets: PublishBuckets::default(),
             paused_until_ms: 0,
