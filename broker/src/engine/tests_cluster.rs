@@ -55,10 +55,14 @@ impl Workers {
 
     /// One worker per id (possibly on several hosts), peers synced.
     fn on(ids: &[NodeId]) -> Workers {
+        Workers::with_config(ids, Config::default())
+    }
+
+    fn with_config(ids: &[NodeId], config: Config) -> Workers {
         let mut w = Workers {
             net: LoopbackNet::new(),
             nodes: Vec::new(),
-            config: Config::default(),
+            config,
             now: Instant::now(),
         };
         for &id in ids {
@@ -910,9 +914,11 @@ fn packets_held_behind_a_parked_subscribe_take_effect_when_the_connection_is_los
 /// then they go out, and each barrier given up is counted. Its late answer changes nothing.
 #[test]
 fn barriers_a_hung_peer_never_confirms_time_out() {
-    let mut w = Workers::new(2);
-    let timeout_ms = w.config.cluster.barrier_timeout_ms;
-    assert!(timeout_ms >= 1000, "a few seconds by default");
+    assert_eq!(Config::default().cluster.barrier_timeout_ms, 5_000);
+    let mut config = Config::default();
+    let timeout_ms = 2_500;
+    config.cluster.barrier_timeout_ms = timeout_ms;
+    let mut w = Workers::with_config(&[NodeId::local(0), NodeId::local(1)], config);
     let c = w.connect(0, "c");
     let p = Publish::new("x", QoS::AtMostOnce, Bytes::from_static(b"own"), None);
     w.send_pipelined(0, c, vec![subscribe_with_id(1, "x", 1), Packet::Publish(p)]);
@@ -923,7 +929,10 @@ fn barriers_a_hung_peer_never_confirms_time_out() {
     assert!(h.received(c).is_empty(), "all of it waits for the barriers");
     h.advance(1); // the first tick starts the clock
     assert!(h.received(c).is_empty(), "not before the timeout");
-    h.now += std::time::Duration::from_millis(timeout_ms);
+    h.now += std::time::Duration::from_millis(timeout_ms - 1);
+    h.engine.tick(h.now);
+    assert!(h.received(c).is_empty(), "not before the timeout");
+    h.now += std::time::Duration::from_millis(1);
     h.engine.tick(h.now);
     match h.received(c).as_slice() {
         [Packet::SubAck(s), Packet::Publish(m)] => {
