@@ -42,6 +42,13 @@ pub struct ClusterConfig {
     pub pin_cores: bool,
     /// Seconds a draining worker (SIGTERM, rolling restart) gets before it is killed.
     pub drain_timeout_secs: u64,
+    /// Milliseconds a SUBACK (new route) or a retained PUBLISH's acknowledgement waits for
+    /// every peer to confirm a barrier; past it (a hung peer) it goes out anyway, logged
+    /// and counted. Checked by the 1 s tick, so it may be up to a second late.
+    pub barrier_timeout_ms: u64,
+    /// Seconds a rolling restart's replacement worker gets to become ready; past it, it
+    /// is killed, the old worker keeps serving, and the roll moves to the next slot.
+    pub ready_timeout_secs: u64,
     /// Directory for the workers' Unix sockets; empty = a fresh directory under the
     /// system temp dir, removed at exit.
     pub mesh_dir: String,
@@ -63,6 +70,8 @@ impl Default for ClusterConfig {
             workers: 0,
             pin_cores: true,
             drain_timeout_secs: 30,
+            barrier_timeout_ms: 5_000,
+            ready_timeout_secs: 60,
             mesh_dir: String::new(),
         }
     }
@@ -279,6 +288,11 @@ impl Config {
         if self.limits.receive_maximum == 0 || self.limits.max_inflight == 0 {
             bail!("limits.receive_maximum and limits.max_inflight must be at least 1");
         }
+        if self.cluster.barrier_timeout_ms == 0 || self.cluster.ready_timeout_secs == 0 {
+            // Zero would give up on every barrier, or kill every rolling-restart replacement,
+            // before it had any chance: never what is meant.
+            bail!("cluster.barrier_timeout_ms and cluster.ready_timeout_secs must be at least 1");
+        }
         if self.limits.max_packet_size < 64 {
             bail!("limits.max_packet_size must be at least 64 bytes");
         }
@@ -355,5 +369,18 @@ mod tests {
         assert!(Config::load(None, Vec::new(), &["limits.nope=1".into()]).is_err());
         assert!(Config::load(None, Vec::new(), &["mqtt.maximum_qos=3".into()]).is_err());
         assert!(Config::load(None, Vec::new(), &["novalue".into()]).is_err());
+        let zero = ["cluster.barrier_timeout_ms=0".into()];
+        assert!(Config::load(None, Vec::new(), &zero).is_err());
+        let zero = ["cluster.ready_timeout_secs=0".into()];
+        assert!(Config::load(None, Vec::new(), &zero).is_err());
+        let set = [
+            "cluster.barrier_timeout_ms=250".into(),
+            "cluster.ready_timeout_secs=5".into(),
+        ];
+        let c = Config::load(None, Vec::new(), &set).unwrap();
+        assert_eq!(
+            (c.cluster.barrier_timeout_ms, c.cluster.ready_timeout_secs),
+            (250, 5)
+        );
     }
 }

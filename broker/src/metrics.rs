@@ -217,7 +217,7 @@ impl WorkerMetrics {
             process.cpu_seconds,
         );
 
-        let counters: [(&str, &str, u64); 10] = [
+        let counters: [(&str, &str, u64); 11] = [
             (
                 "mqttd_connections_accepted_total",
                 "TCP connections accepted.",
@@ -252,6 +252,11 @@ impl WorkerMetrics {
                 "mqttd_keepalive_timeouts_total",
                 "Connections closed by the keep-alive timer.",
                 s.keepalive_timeouts,
+            ),
+            (
+                "mqttd_barrier_timeouts_total",
+                "Cluster barriers given up after cluster.barrier_timeout_ms: a peer did not confirm.",
+                s.barrier_timeouts,
             ),
             (
                 "mqttd_takeovers_total",

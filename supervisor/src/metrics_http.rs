@@ -48,6 +48,8 @@ pub struct View {
 pub struct SlotView {
     /// Deaths of this slot's worker that were restarted.
     pub restarts: u64,
+    /// Rolling-restart replacements killed for not getting ready in time.
+    pub ready_timeouts: u64,
     /// The slot's serving process has reported ready.
     pub ready: bool,
     /// The serving process's metrics channel (whether or not it is ready yet).
@@ -261,6 +263,17 @@ fn supervisor_families(
         restarts.push(format!(
             "mqttd_worker_restarts_total{{worker=\"{i}\"}} {}",
             slot.restarts
+        ));
+    }
+    let timeouts = families.family(
+        "mqttd_worker_ready_timeouts_total",
+        "counter",
+        "Rolling-restart replacements killed for not getting ready within cluster.ready_timeout_secs.",
+    );
+    for (i, slot) in view.slots.iter().enumerate() {
+        timeouts.push(format!(
+            "mqttd_worker_ready_timeouts_total{{worker=\"{i}\"}} {}",
+            slot.ready_timeouts
         ));
     }
     let up = families.family(

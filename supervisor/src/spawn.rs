@@ -43,6 +43,8 @@ struct Slot {
     outgoing: Option<u64>,
     /// Deaths restarted so far (the per-worker restart metric).
     restarts: u64,
+    /// Rolling-restart replacements killed for not getting ready in time (a metric).
+    ready_timeouts: u64,
     backoff: Duration,
     restart_at: Option<Instant>,
 }
@@ -53,11 +55,18 @@ struct Proc {
     ready: bool,
     /// SIGKILL deadline of a draining process.
     kill_at: Option<Instant>,
+    /// A rolling-restart replacement must be ready by then, or it is killed.
+    ready_by: Option<Instant>,
+    /// Killed for not getting ready: no longer the slot's, its exit is no death to restart.
+    abandoned: bool,
 }
 
 pub struct WorkerSet {
     launch: Launch,
     drain_timeout: Duration,
+    /// How long a rolling restart waits for a replacement to get ready
+    /// (`cluster.ready_timeout_secs`): one that hangs must not stall the roll forever.
+    ready_timeout: Duration,
     slots: Vec<Slot>,
     procs: HashMap<u64, Proc>,
     next_id: u64,
@@ -82,6 +91,7 @@ impl WorkerSet {
         launch: Launch,
         listeners: Vec<(std::net::TcpListener, Option<std::net::UdpSocket>)>,
         drain_timeout: Duration,
+        ready_timeout: Duration,
     ) -> WorkerSet {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let slots = listeners
@@ -93,6 +103,7 @@ impl WorkerSet {
                 incoming: None,
                 outgoing: None,
                 restarts: 0,
+                ready_timeouts: 0,
                 backoff: BACKOFF_FIRST,
                 restart_at: None,
             })
@@ -100,6 +111,7 @@ impl WorkerSet {
         WorkerSet {
             launch,
             drain_timeout,
+            ready_timeout,
             slots,
             procs: HashMap::new(),
             next_id: 0,
@@ -187,20 +199,24 @@ impl WorkerSet {
             self.events_tx.clone(),
         )?;
         tracing::info!(index, pid = child.pid, "worker started");
+        let slot = &mut self.slots[usize::from(index)];
+        let ready_by = if slot.active.is_none() {
+            slot.active = Some(id);
+            None
+        } else {
+            slot.incoming = Some(id);
+            Some(Instant::now() + self.ready_timeout)
+        };
         self.procs.insert(
             id,
             Proc {
                 child,
                 ready: false,
                 kill_at: None,
+                ready_by,
+                abandoned: false,
             },
         );
-        let slot = &mut self.slots[usize::from(index)];
-        if slot.active.is_none() {
-            slot.active = Some(id);
-        } else {
-            slot.incoming = Some(id);
-        }
         Ok(())
     }
 
@@ -221,8 +237,9 @@ impl WorkerSet {
             return;
         };
         proc.ready = true;
+        proc.ready_by = None;
         let (index, pid) = (proc.child.index, proc.child.pid);
-        if self.shutting_down {
+        if self.shutting_down || proc.abandoned {
             return;
         }
         let slot = &mut self.slots[usize::from(index)];
@@ -258,6 +275,10 @@ impl WorkerSet {
 
     fn on_exit(&mut self, id: u64, proc: Proc, status: String) {
         let (index, pid) = (proc.child.index, proc.child.pid);
+        if proc.abandoned {
+            tracing::info!(index, pid, %status, "abandoned replacement worker exited");
+            return;
+        }
         let slot = &mut self.slots[usize::from(index)];
         let role = if slot.outgoing == Some(id) {
             slot.outgoing = None;
@@ -309,7 +330,8 @@ impl WorkerSet {
     fn next_deadline(&self) -> Option<Instant> {
         let restarts = self.slots.iter().filter_map(|s| s.restart_at);
         let kills = self.procs.values().filter_map(|p| p.kill_at);
-        restarts.chain(kills).min()
+        let ready_bys = self.procs.values().filter_map(|p| p.ready_by);
+        restarts.chain(kills).chain(ready_bys).min()
     }
 
     fn on_timer(&mut self) {
@@ -327,6 +349,15 @@ impl WorkerSet {
                 }
             }
         }
+        let late: Vec<u64> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.ready_by.is_some_and(|t| t <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late {
+            self.abandon_replacement(id);
+        }
         for proc in self.procs.values_mut() {
             if proc.kill_at.is_some_and(|t| t <= now) {
                 proc.kill_at = None;
@@ -337,6 +368,34 @@ impl WorkerSet {
                 );
                 proc.child.signal(libc::SIGKILL);
             }
+        }
+    }
+
+    /// A rolling-restart replacement did not get ready within `cluster.ready_timeout_secs`:
+    /// SIGKILL (it is not serving, so there is nothing to drain), the old worker keeps the
+    /// slot, and the roll goes on with the next slot rather than stall behind this one.
+    fn abandon_replacement(&mut self, id: u64) {
+        let Some(proc) = self.procs.get_mut(&id) else {
+            return;
+        };
+        proc.ready_by = None;
+        proc.abandoned = true;
+        proc.child.signal(libc::SIGKILL);
+        let (index, pid) = (proc.child.index, proc.child.pid);
+        let slot = &mut self.slots[usize::from(index)];
+        if slot.incoming == Some(id) {
+            slot.incoming = None;
+        }
+        slot.ready_timeouts += 1;
+        tracing::error!(
+            index,
+            pid,
+            timeout_secs = self.ready_timeout.as_secs(),
+            "rolling restart: replacement worker not ready in time; killed it, the old worker \
+             keeps serving this slot"
+        );
+        if self.rolling == Some(index) {
+            self.next_rolling(index);
         }
     }
 

@@ -78,7 +78,8 @@ pub fn run(config: Config, user_args: Vec<OsString>) -> anyhow::Result<()> {
             version = env!("CARGO_PKG_VERSION"),
             "supervisor starting"
         );
-        let workers = WorkerSet::new(launch, listeners, drain);
+        let ready = Duration::from_secs(config.cluster.ready_timeout_secs);
+        let workers = WorkerSet::new(launch, listeners, drain, ready);
         if let Some(listener) = metrics {
             crate::metrics_http::spawn(listener, workers.view())
                 .context("serving the metrics endpoint")?;

@@ -69,6 +69,7 @@ const COUNTERS: &[(&str, &str, &[&str])] = &[
     ("mqttd_handoffs_total", "", &[]),
     ("mqttd_protocol_errors_total", "", &[]),
     ("mqttd_keepalive_timeouts_total", "", &[]),
+    ("mqttd_barrier_timeouts_total", "", &[]),
     ("mqttd_takeovers_total", "", &[]),
     ("mqttd_rate_limited_total", "kind", &["connect", "publish"]),
     ("mqttd_slow_consumer_disconnects_total", "", &[]),
@@ -137,6 +138,7 @@ fn every_metric_is_exported_for_every_worker() {
         assert!(e.value("process_open_fds", &worker) > 0.0);
         assert!(e.value("process_max_fds", &worker) >= e.value("process_open_fds", &worker));
         assert_eq!(e.value("mqttd_worker_restarts_total", &worker), 0.0);
+        assert_eq!(e.value("mqttd_worker_ready_timeouts_total", &worker), 0.0);
         assert_eq!(e.value("mqttd_worker_up", &worker), 1.0);
     }
     // Supervisor-level metrics carry no worker label.

@@ -211,6 +211,38 @@ fn sighup_replaces_every_worker_and_the_port_keeps_accepting() {
     broker.assert_alive();
 }
 
+/// A rolling restart whose replacements never get ready (the binary on disk was replaced by
+/// one that hangs before its ready line) does not stall: each replacement is killed after
+/// `cluster.ready_timeout_secs` and counted, the old workers keep serving, and the roll
+/// goes on to the next slot (both slots time out).
+#[test]
+fn sighup_replacement_that_never_gets_ready_is_killed_and_the_roll_goes_on() {
+    let dir = std::env::temp_dir().join(format!("mqttd-ready-timeout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("mqttd");
+    std::fs::copy(env!("CARGO_BIN_EXE_mqttd"), &exe).unwrap();
+    let mut broker = Broker::start_exe(&exe, 2, &["cluster.ready_timeout_secs=1"]);
+    let before = workers(&broker, 2);
+    // The "new release": a program that never prints the ready line.
+    let hang = dir.join("mqttd.new");
+    std::fs::write(&hang, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    std::fs::set_permissions(&hang, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&hang, &exe).unwrap();
+    broker.signal("HUP");
+    common::prom::scrape_until(&broker, "a ready timeout on both slots", |e| {
+        let n = |w: &str| e.value("mqttd_worker_ready_timeouts_total", &[("worker", w)]);
+        (n("0") == 1.0 && n("1") == 1.0).then_some(())
+    });
+    // The hung replacements are gone (SIGKILL); the original workers still serve.
+    wait_for("only the original workers", || {
+        (children(broker.pid()) == before).then_some(())
+    });
+    handshake(&broker);
+    broker.assert_alive();
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn the_mesh_dir_is_private_and_removed_at_exit() {
     use std::os::unix::fs::PermissionsExt as _;

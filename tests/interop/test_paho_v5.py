@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import TIMEOUT, USE_MOSQUITTO, Properties, PacketTypes, mqtt
+from conftest import TIMEOUT, USE_MOSQUITTO, Properties, PacketTypes, SubscribeOptions, mqtt
 
 V5 = mqtt.MQTTv5
 
@@ -47,6 +47,22 @@ def test_subscription_identifier(broker, connected):
     ids = sorted(i for m in got for i in m.properties.SubscriptionIdentifier)
     assert ids == [7, 42]
     assert all(m.payload == b"hello" for m in got)
+
+
+def test_pipelined_subscribes_then_publish_carry_both_identifiers(broker, connected):
+    """Paho interop `test_subscribe_identifiers`: two SUBSCRIBEs and a PUBLISH sent without
+    waiting for any SUBACK. With MQTTD_TEST_WORKERS >= 2 each new route's SUBACK waits for
+    the other workers; the PUBLISH must still take effect after both subscriptions."""
+    c = connected(broker, V5)
+    for sid, topic in ((2, "pipe/sid"), (3, "pipe/sid/#")):
+        props = Properties(PacketTypes.SUBSCRIBE)
+        props.SubscriptionIdentifier = sid
+        rc, _ = c.c.subscribe(topic, options=SubscribeOptions(qos=1), properties=props)
+        assert rc == mqtt.MQTT_ERR_SUCCESS
+    c.publish("pipe/sid", b"both", qos=1, wait=False)
+    msg = c.recv()
+    assert msg.payload == b"both"
+    assert sorted(msg.properties.SubscriptionIdentifier) == [2, 3]
 
 
 def test_no_local(broker, connected):

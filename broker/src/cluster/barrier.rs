@@ -40,6 +40,11 @@ impl Barriers {
         false
     }
 
+    /// Barrier `id` and every earlier one are no longer waited for (timed out).
+    pub fn abandon(&mut self, id: u64) {
+        self.waiting.retain(|&b, _| b > id);
+    }
+
     /// `peer` is gone: its pending confirmations count as given. Returns the barriers
     /// this completes, oldest first.
     pub fn forget(&mut self, peer: NodeId) -> Vec<u64> {

@@ -289,6 +289,12 @@ impl Cluster for LoopbackCluster {
         }
     }
 
+    fn barrier_abandoned(&mut self, id: u64) {
+        if let Some(member) = self.net.borrow_mut().members.get_mut(&self.me) {
+            member.barriers.abandon(id);
+        }
+    }
+
     fn sync_peer(&mut self, peer: NodeId, routes: &[Route], retained: &[Rc<Message>]) {
         let net = self.net.borrow();
         for route in routes {

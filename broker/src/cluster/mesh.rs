@@ -271,6 +271,10 @@ impl Cluster for EmbeddedCluster {
             .push(from.slot, &Frame::BarrierAck(id));
     }
 
+    fn barrier_abandoned(&mut self, id: u64) {
+        self.state.borrow_mut().barriers.abandon(id);
+    }
+
     fn sync_peer(&mut self, peer: NodeId, routes: &[Route], retained: &[Rc<Message>]) {
         let mut state = self.state.borrow_mut();
         let Some(link) = state.links.get_mut(peer.slot as usize) else {

@@ -103,6 +103,9 @@ pub trait Cluster {
     /// Answers [`ClusterEvent::BarrierRequested`]: everything `from` sent before its
     /// barrier `id` has been applied here.
     fn barrier_reached(&mut self, from: NodeId, id: u64);
+    /// The engine stopped waiting for barrier `id` and every earlier one (they timed out):
+    /// forget them, so a peer that never answers does not make them pile up.
+    fn barrier_abandoned(&mut self, id: u64);
     /// Answers [`ClusterEvent::PeerJoined`]: this worker's routes and every retained
     /// message, for `peer`.
     fn sync_peer(&mut self, peer: NodeId, routes: &[Route], retained: &[Rc<Message>]);
@@ -220,6 +223,7 @@ impl Cluster for Standalone {
         None
     }
     fn barrier_reached(&mut self, _from: NodeId, _id: u64) {}
+    fn barrier_abandoned(&mut self, _id: u64) {}
     fn sync_peer(&mut self, _peer: NodeId, _routes: &[Route], _retained: &[Rc<Message>]) {}
     fn handoff(&mut self, _to: NodeId, stream: HandedStream) -> Result<(), HandoffError> {
         Err(HandoffError::Unreachable(stream))

@@ -148,7 +148,7 @@ impl Engine {
 
     /// Every peer confirmed barrier `id` (and so every earlier one: links are FIFO): the
     /// acknowledgements and SUBACKs waiting for it go out.
-    fn barrier_done(&mut self, id: u64, now: Instant) {
+    pub(super) fn barrier_done(&mut self, id: u64, now: Instant) {
         let holding = std::mem::take(&mut self.holding_acks);
         for key in holding {
             let Some(conn) = self.conns.get_mut(key) else {

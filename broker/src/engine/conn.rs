@@ -62,10 +62,16 @@ pub enum Admission {
     RateLimited,
 }
 
-/// A connection's input under backpressure (see `flow.rs`).
+/// Whether a connection's input is handled, or why not. (One field: the reasons exclude
+/// each other, as a connection that handles nothing cannot acquire another.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlowState {
     Reading,
+    /// A SUBSCRIBE of this connection waits for a cluster barrier (`ParkedSubAck`): the
+    /// packets read after it wait, undecoded, in `partial`, so that they take effect after
+    /// it (MQTT-4.6), as they would on one worker. Bounded by the barrier timeout and by
+    /// the connection's memory budget (`partial` is charged to it). Still read.
+    HeldForSubAck,
     /// Not read: a destination of its last PUBLISH is behind.
     Paused,
     /// The pause ended; the driver has yet to read it again
@@ -120,7 +126,8 @@ pub struct Conn {
     pub close_ticks: u8,
     /// Timer ticks in a row it was found over its memory budget (see `accounting.rs`).
     pub over_budget_ticks: u8,
-    /// Whether it is read, or waits for a destination its PUBLISH fed (see `flow.rs`).
+    /// Whether its input is handled, or waits for a destination its PUBLISH fed (see
+    /// `flow.rs`) or for its SUBSCRIBE's barrier.
     pub flow: FlowState,
     /// It acknowledged a message or took output since the last tick (a consumer keeping
     /// up, however slowly, is not cut for its budget).

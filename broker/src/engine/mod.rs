@@ -14,6 +14,7 @@
 //! backpressure (who waits for a destination that is behind), `sys.rs` `$SYS`.
 
 mod accounting;
+mod barriers;
 mod cluster_io;
 mod conn;
 mod connect;
@@ -92,6 +93,9 @@ pub struct Engine {
     /// The latest barrier after a route announcement, while it is not complete: until
     /// then a SUBSCRIBE to an already announced route may not be known to every peer.
     route_barrier: Option<u64>,
+    /// Barriers this engine waits for, oldest first, with the tick that first saw each
+    /// (`barriers.rs`: their timeout).
+    pending_barriers: std::collections::VecDeque<(u64, Option<Instant>)>,
     /// Routes each peer announced, so they can be dropped when it goes away.
     remote_routes: AHashMap<NodeId, std::collections::HashSet<Route>>,
     /// Routes a replaced peer's predecessor announced, kept until the replacement settles.
@@ -143,6 +147,7 @@ impl Engine {
             drivers: Vec::new(),
             parked_subacks: Vec::new(),
             route_barrier: None,
+            pending_barriers: Default::default(),
             holding_acks: Vec::new(),
             worker_stats: Default::default(),
             remote_routes: AHashMap::new(),
@@ -245,7 +250,7 @@ impl Engine {
     /// Handles every complete packet in `buf` (bytes just read for `key`, after
     /// [`Engine::prepare_read`]). An incomplete tail is kept in the connection.
     pub fn handle_read(&mut self, key: ConnKey, buf: &mut BytesMut, now: Instant) {
-        let Some(conn) = self.conns.get(key) else {
+        let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         if conn.state == ConnState::AwaitingConnect && !self.cluster.is_alone() {
@@ -253,7 +258,17 @@ impl Engine {
             // connection moves there together with every byte read so far.
             self.connect_bytes = Some(bytes::Bytes::copy_from_slice(buf));
         }
+        if conn.flow == conn::FlowState::HeldForSubAck && !buf.is_empty() {
+            // Not decoded yet, but the client is alive: keep-alive counts from here.
+            conn.last_packet_at = now;
+        }
         self.stats.bytes_received += buf.len() as u64;
+        self.handle_input(key, buf, now);
+    }
+
+    /// Decodes and handles the complete packets in `buf`, until the connection pauses
+    /// (throttled, or waiting for a barrier); the rest is kept in the connection.
+    fn handle_input(&mut self, key: ConnKey, buf: &mut BytesMut, now: Instant) {
         let max = self.config.limits.max_packet_size;
         loop {
             let Some(conn) = self.conns.get_mut(key) else {
@@ -263,6 +278,11 @@ impl Engine {
                 buf.clear();
                 self.connect_bytes = None;
                 return;
+            }
+            if conn.flow == conn::FlowState::HeldForSubAck {
+                // Behind a SUBSCRIBE waiting for its barrier: the rest waits (as a partial
+                // packet) until that SUBSCRIBE completes.
+                break;
             }
             let read = match conn.state {
                 ConnState::AwaitingConnect => protocol::read_connect(buf, max).map(|r| {
@@ -301,6 +321,21 @@ impl Engine {
                 conn.partial = BytesMut::from(&buf[..]);
             }
             buf.clear();
+        }
+    }
+
+    /// The SUBSCRIBE `key` waited for has completed: the packets read behind it are
+    /// handled now (the driver may have nothing more to read to trigger it).
+    fn release_input(&mut self, key: ConnKey, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.flow == conn::FlowState::HeldForSubAck {
+            conn.flow = conn::FlowState::Reading;
+        }
+        let mut held = std::mem::take(&mut conn.partial);
+        if !held.is_empty() {
+            self.handle_input(key, &mut held, now);
         }
     }
 
@@ -371,6 +406,7 @@ impl Engine {
         }
         // A handoff it never made (the driver lost the socket first) goes with it.
         let _ = self.take_handoff(key);
+        self.flush_held_input(key, now);
         self.end_connection(key, true, now);
         let conn = self.conns.remove(key);
         self.forget_conn(&conn);
@@ -470,6 +506,7 @@ impl Engine {
             }
         }
         self.cut_slow_consumers();
+        self.expire_barriers(now);
         self.expire_sessions(now);
         self.release_idle_message_buffers();
         self.connect_limiter.sweep(self.millis(now));

@@ -263,11 +263,7 @@ impl Engine {
     /// the `Retained` frame), so a subscriber on any worker sees what was acknowledged;
     /// later acks of the connection queue behind it (acks go in PUBLISH order, MQTT-4.6).
     fn acknowledge(&mut self, key: ConnKey, ack: Packet, retained: bool) {
-        let barrier = if retained {
-            self.cluster.barrier()
-        } else {
-            None
-        };
+        let barrier = if retained { self.start_barrier() } else { None };
         let conn = &mut self.conns[key];
         match (&mut conn.held_acks, barrier) {
             (Some(held), barrier) => {

@@ -57,4 +57,6 @@ pub struct Stats {
     /// Messages for other workers dropped at a full (64 MiB) or disconnected mesh link;
     /// copied from the cluster backend when metrics are taken.
     pub dropped_mesh_backlog: u64,
+    /// Cluster barriers given up after `cluster.barrier_timeout_ms` (a peer did not answer).
+    pub barrier_timeouts: u64,
 }

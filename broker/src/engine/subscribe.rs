@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use topic_trie::{SubscriptionFilter, SubscriptionOptions};
 
+use super::conn::FlowState;
 use super::flow::Source;
 use super::{ConnKey, Engine};
 use crate::model::Route;
@@ -23,28 +24,32 @@ enum FilterOutcome {
     Fatal(DisconnectReasonCode, &'static str),
 }
 
-/// A granted filter, not yet active (see [`ParkedSubAck`]).
+/// A granted filter of a SUBSCRIBE.
 #[derive(Debug)]
 pub(crate) struct Granted {
     /// The filter as the client sent it (with `$share/g/` if shared).
     path: String,
     route: Route,
     opts: SubscriptionOptions,
-    /// This subscription was counted in the route refs when it was announced.
-    counted: bool,
+    /// The session already had this filter (set when it is activated): for Retain
+    /// Handling 1, which sends retained messages only for a new subscription.
+    existed: bool,
 }
 
-/// A SUBSCRIBE whose filters become active, and whose SUBACK goes out, once the cluster has
-/// confirmed its new routes: from then on a PUBLISH through any worker reaches them, and the
-/// retained messages read at that moment include every retained PUBLISH acknowledged before.
+/// A SUBSCRIBE whose SUBACK goes out once the cluster has confirmed its new routes: from
+/// then on a PUBLISH through any worker reaches the subscription, and the retained messages
+/// read at that moment include every retained PUBLISH acknowledged before.
+///
+/// The filters are live on this worker from the start (MQTT-3.8.4 lets messages precede
+/// the SUBACK): a message a peer forwards because it already applied the route must not
+/// find the subscription missing here, and a client that does not wait for its SUBACK
+/// gets what it would on one worker.
 #[derive(Debug)]
 pub(crate) struct ParkedSubAck {
     conn: ConnKey,
     session: SessionKey,
     suback: Packet,
     granted: Vec<Granted>,
-    /// Answers to the connection's later UNSUBSCRIBEs, which go out after this SUBACK.
-    then: Vec<Packet>,
 }
 
 impl Engine {
@@ -83,17 +88,11 @@ impl Engine {
                 }
             }
         }
-        // Announce the routes this worker did not have; the peers confirm them (barrier)
-        // before the filters go live and the SUBACK goes out.
+        // Live here at once; the routes this worker did not have are announced, and the
+        // peers confirm them (barrier) before the SUBACK goes out.
         let mut new_route = false;
         for g in granted.iter_mut() {
-            if !self.sessions[skey]
-                .subscriptions
-                .contains_key(g.path.as_str())
-            {
-                g.counted = true;
-                new_route |= self.add_route(g.route.clone());
-            }
+            new_route |= self.activate(skey, g);
         }
         let suback = Packet::SubAck(SubAck {
             pkid: s.pkid,
@@ -105,23 +104,50 @@ impl Engine {
             session: skey,
             suback,
             granted,
-            then: Vec::new(),
         };
-        let barrier = new_route.then(|| self.cluster.barrier()).flatten();
+        let barrier = if new_route {
+            self.start_barrier()
+        } else {
+            None
+        };
         if barrier.is_some() {
             self.route_barrier = barrier;
         }
         // A route this SUBSCRIBE shares with an earlier one may not be confirmed yet either:
         // then it waits for the latest announcement's barrier too.
         match barrier.or(self.route_barrier) {
-            Some(barrier) => self.parked_subacks.push((barrier, parked)),
+            Some(barrier) => {
+                // The connection's later packets wait behind it (`FlowState::HeldForSubAck`), so
+                // a connection has at most one parked SUBSCRIBE.
+                self.conns[key].flow = FlowState::HeldForSubAck;
+                self.parked_subacks.push((barrier, parked));
+            }
             None => self.complete_subscribe(parked, now),
         }
     }
 
-    /// Barrier `id` completed (and every earlier one): the SUBSCRIBEs waiting for it go live,
-    /// in the order they arrived.
+    /// Adds a granted filter to the session and the index; true if its route is new on
+    /// this worker (announced to the cluster).
+    fn activate(&mut self, skey: SessionKey, g: &mut Granted) -> bool {
+        g.existed = self.sessions[skey]
+            .subscriptions
+            .insert(g.path.as_str().into(), g.opts)
+            .is_some();
+        match &g.route.group {
+            None => {
+                self.subscriptions.insert(&g.route.filter, skey, g.opts);
+            }
+            Some(group) => {
+                self.shared.insert(group, &g.route.filter, skey, g.opts);
+            }
+        }
+        !g.existed && self.add_route(g.route.clone())
+    }
+
+    /// Barrier `id` completed (and every earlier one): the SUBSCRIBEs waiting for it are
+    /// acknowledged, in the order they arrived.
     pub(super) fn route_barrier_done(&mut self, id: u64, now: Instant) {
+        self.barrier_settled(id);
         if self.route_barrier.is_some_and(|b| b <= id) {
             self.route_barrier = None;
         }
@@ -132,30 +158,44 @@ impl Engine {
             .into_iter()
             .partition(|(barrier, _)| *barrier <= id);
         self.parked_subacks = waiting;
+        let conns: Vec<ConnKey> = done.iter().map(|(_, p)| p.conn).collect();
         for (_, parked) in done {
             self.complete_subscribe(parked, now);
         }
+        // Every SUBACK due is out before any packet held behind one is handled.
+        for key in conns {
+            self.release_input(key, now);
+        }
     }
 
-    /// Connection `key` is gone: its parked SUBSCRIBEs are dropped with it (their routes
-    /// uncounted), so nothing reaches a later connection that reuses the slot.
-    pub(super) fn drop_parked_subscribes(&mut self, key: ConnKey) {
-        if !self.parked_subacks.iter().any(|(_, p)| p.conn == key) {
+    /// Connection `key` is lost while a SUBSCRIBE of it waits for its barrier: the packets
+    /// read behind it take effect now, in order, as they would have had the connection
+    /// stayed (a PUBLISH then DISCONNECT sent just before closing the socket).
+    pub(super) fn flush_held_input(&mut self, key: ConnKey, now: Instant) {
+        if !self
+            .conns
+            .get(key)
+            .is_some_and(|c| c.flow == FlowState::HeldForSubAck)
+        {
             return;
         }
-        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked_subacks)
+        let (mine, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked_subacks)
             .into_iter()
             .partition(|(_, p)| p.conn == key);
         self.parked_subacks = kept;
-        for (_, parked) in gone {
-            for g in parked.granted.into_iter().filter(|g| g.counted) {
-                self.remove_route(g.route);
-            }
+        for (_, parked) in mine {
+            self.complete_subscribe(parked, now);
         }
+        self.release_input(key, now);
     }
 
-    /// Activates the granted filters, sends the SUBACK, then the retained messages it
-    /// unlocks (in that order, MQTT-3.8.4).
+    /// Connection `key` is gone: its parked SUBACK goes with it, so nothing reaches a later
+    /// connection that reuses the slot. (Its filters stay with the session, if that lives.)
+    pub(super) fn drop_parked_subscribes(&mut self, key: ConnKey) {
+        self.parked_subacks.retain(|(_, p)| p.conn != key);
+    }
+
+    /// Sends the SUBACK, then the retained messages it unlocks (in that order, MQTT-3.8.4).
     pub(super) fn complete_subscribe(&mut self, parked: ParkedSubAck, now: Instant) {
         let alive = self
             .conns
@@ -163,32 +203,14 @@ impl Engine {
             .is_some_and(|c| c.session == Some(parked.session));
         if !alive {
             // The connection went away while the cluster confirmed the routes.
-            for g in parked.granted.into_iter().filter(|g| g.counted) {
-                self.remove_route(g.route);
-            }
             return;
         }
         let skey = parked.session;
         let mut retained: Vec<(Rc<Message>, Delivery)> = Vec::new();
         for g in parked.granted {
-            let existed = self.sessions[skey]
-                .subscriptions
-                .insert(g.path.as_str().into(), g.opts)
-                .is_some();
-            if existed && g.counted {
-                self.remove_route(g.route.clone()); // counted twice by overlapping SUBSCRIBEs
-            }
-            match &g.route.group {
-                None => {
-                    self.subscriptions.insert(&g.route.filter, skey, g.opts);
-                }
-                Some(group) => {
-                    self.shared.insert(group, &g.route.filter, skey, g.opts);
-                }
-            }
             // Retained messages are never sent for shared subscriptions (MQTT-4.8.2-5 note).
             let rh = g.opts.retain_handling;
-            if g.route.group.is_none() && (rh == 0 || (rh == 1 && !existed)) {
+            if g.route.group.is_none() && (rh == 0 || (rh == 1 && !g.existed)) {
                 let mut found = Vec::new();
                 self.retained.matching(&g.route.filter, now, &mut found);
                 retained.extend(found.into_iter().map(|msg| {
@@ -202,9 +224,6 @@ impl Engine {
             }
         }
         self.conns[parked.conn].send(&parked.suback);
-        for packet in &parked.then {
-            self.conns[parked.conn].send(packet);
-        }
         for (msg, delivery) in retained {
             self.deliver(skey, &msg, delivery, Source::Broker, now);
         }
@@ -267,7 +286,7 @@ impl Engine {
                 retain_handling,
                 subscription_id,
             },
-            counted: false,
+            existed: false,
         })
     }
 
@@ -286,63 +305,26 @@ impl Engine {
         };
         let mut reasons = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
-            let mut existed = self.sessions[skey]
+            // A SUBSCRIBE of this connection waiting for its barrier holds this UNSUBSCRIBE
+            // back (`FlowState::HeldForSubAck`): it is live by now.
+            let existed = self.sessions[skey]
                 .subscriptions
                 .remove(filter.as_str())
                 .is_some();
             if existed {
                 self.remove_subscription(skey, filter);
             }
-            // A SUBSCRIBE of this connection still waiting for its barrier counts as done:
-            // the client sent it first, so it must not come alive after this.
-            existed |= self.cancel_parked_filter(key, filter);
             reasons.push(if existed {
                 UnsubAckReason::Success
             } else {
                 UnsubAckReason::NoSubscriptionExisted
             });
         }
-        let unsuback = Packet::UnsubAck(UnsubAck {
+        self.conns[key].send(&Packet::UnsubAck(UnsubAck {
             pkid: u.pkid,
             reasons,
             properties: None,
-        });
-        // Behind a parked SUBACK of this connection, so the acks keep the packets' order.
-        match self
-            .parked_subacks
-            .iter_mut()
-            .rev()
-            .find(|(_, p)| p.conn == key)
-        {
-            Some((_, parked)) => parked.then.push(unsuback),
-            None => self.conns[key].send(&unsuback),
-        }
-    }
-
-    /// Takes `filter` out of the connection's parked SUBSCRIBEs; true if one had it.
-    fn cancel_parked_filter(&mut self, key: ConnKey, filter: &str) -> bool {
-        let mut uncounted = Vec::new();
-        let mut found = false;
-        for (_, parked) in self
-            .parked_subacks
-            .iter_mut()
-            .filter(|(_, p)| p.conn == key)
-        {
-            parked.granted.retain_mut(|g| {
-                if g.path != filter {
-                    return true;
-                }
-                found = true;
-                if g.counted {
-                    uncounted.push(g.route.clone());
-                }
-                false
-            });
-        }
-        for route in uncounted {
-            self.remove_route(route);
-        }
-        found
+        }));
     }
 
     /// Re-creates a subscription of an imported session (options already negotiated).

@@ -42,8 +42,11 @@ impl Harness {
         }
     }
 
+    /// Feeds `packet` to the engine as a driver does: behind whatever bytes of `key` the
+    /// engine kept from earlier reads (`prepare_read`).
     pub(super) fn send(&mut self, key: ConnKey, packet: Packet) {
         let mut bytes = BytesMut::new();
+        self.engine.prepare_read(key, &mut bytes);
         packet.write(&mut bytes, None).unwrap();
         self.engine.handle_read(key, &mut bytes, self.now);
     }

@@ -55,10 +55,14 @@ impl Workers {
 
     /// One worker per id (possibly on several hosts), peers synced.
     fn on(ids: &[NodeId]) -> Workers {
+        Workers::with_config(ids, Config::default())
+    }
+
+    fn with_config(ids: &[NodeId], config: Config) -> Workers {
         let mut w = Workers {
             net: LoopbackNet::new(),
             nodes: Vec::new(),
-            config: Config::default(),
+            config,
             now: Instant::now(),
         };
         for &id in ids {
@@ -850,5 +854,226 @@ fn delayed_will_moves_with_its_session_and_fires_on_the_successor() {
         w.payloads(0, watcher),
         ["gone"],
         "published by the successor"
+    );
+}
+
+impl Workers {
+    /// Sends `packets` to worker `i` in one read, as a client that pipelines them does.
+    fn send_pipelined(&mut self, i: usize, key: ConnKey, packets: Vec<Packet>) {
+        let h = self.node(i);
+        let mut bytes = BytesMut::new();
+        h.engine.prepare_read(key, &mut bytes);
+        for packet in packets {
+            packet.write(&mut bytes, None).unwrap();
+        }
+        h.engine.handle_read(key, &mut bytes, h.now);
+    }
+}
+
+/// A SUBSCRIBE with a v5 subscription identifier.
+fn subscribe_with_id(pkid: u16, filter: &str, id: usize) -> Packet {
+    let properties = wire::SubscribeProperties {
+        id: Some(id),
+        user_properties: Vec::new(),
+    };
+    let s = Subscribe::new(Filter::new(filter, QoS::AtLeastOnce), Some(properties));
+    Packet::Subscribe(Subscribe { pkid, ..s })
+}
+
+/// The client's own PUBLISH, sent right behind a SUBSCRIBE that waits for its barrier,
+/// takes effect after it (MQTT-4.6: packets take effect in the order sent): the client
+/// gets the SUBACK, then its message, even though the route was still being confirmed.
+#[test]
+fn publish_behind_a_parked_subscribe_reaches_that_subscription() {
+    let mut w = Workers::new(2);
+    let c = w.connect(0, "c");
+    let p = Publish::new("x", QoS::AtLeastOnce, Bytes::from_static(b"own"), None);
+    w.send_pipelined(
+        0,
+        c,
+        vec![
+            subscribe_with_id(1, "x", 5),
+            Packet::Publish(Publish { pkid: 2, ..p }),
+        ],
+    );
+    w.settle();
+    match w.node(0).received(c).as_slice() {
+        [Packet::SubAck(s), Packet::Publish(m), Packet::PubAck(a)]
+        | [Packet::SubAck(s), Packet::PubAck(a), Packet::Publish(m)] => {
+            assert_eq!(s.pkid, 1);
+            assert_eq!(&m.payload[..], b"own");
+            assert_eq!(a.pkid, 2);
+        }
+        other => panic!("expected SUBACK, own PUBLISH and PUBACK, got {other:?}"),
+    }
+}
+
+/// Paho's `test_subscribe_identifiers` on two workers: two pipelined SUBSCRIBEs with
+/// identifiers 2 and 3, both new routes, then a PUBLISH matching both: one delivery
+/// carrying both identifiers, whichever barrier completes when.
+#[test]
+fn pipelined_subscribes_with_identifiers_then_publish_carry_both_identifiers() {
+    let mut w = Workers::new(2);
+    let c = w.connect(0, "b");
+    let p = Publish::new("t", QoS::AtLeastOnce, Bytes::from_static(b"ids"), None);
+    w.send_pipelined(
+        0,
+        c,
+        vec![
+            subscribe_with_id(1, "t", 2),
+            subscribe_with_id(2, "t/#", 3),
+            Packet::Publish(Publish { pkid: 3, ..p }),
+        ],
+    );
+    w.settle();
+    let got = w.node(0).received(c);
+    let subacks: Vec<u16> = got
+        .iter()
+        .filter_map(|p| match p {
+            Packet::SubAck(s) => Some(s.pkid),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(subacks, [1, 2], "SUBACKs in order: {got:?}");
+    let msgs = publishes(&got);
+    assert_eq!(msgs.len(), 1, "one delivery: {got:?}");
+    let mut ids = msgs[0]
+        .properties
+        .as_ref()
+        .map(|p| p.subscription_identifiers.clone())
+        .unwrap_or_default();
+    ids.sort_unstable();
+    assert_eq!(ids, [2, 3]);
+}
+
+/// Pipelined SUBSCRIBE(x), UNSUBSCRIBE(x), SUBSCRIBE(x) in one read, the first waiting
+/// for its barrier: acks in order, and the last packet wins (subscribed).
+#[test]
+fn subscribe_unsubscribe_subscribe_in_one_read_ends_subscribed() {
+    let mut w = Workers::new(2);
+    let c = w.connect(0, "c");
+    let publisher = w.connect(1, "pub");
+    let unsubscribe = Unsubscribe {
+        pkid: 2,
+        filters: vec!["x".into()],
+        properties: None,
+    };
+    w.send_pipelined(
+        0,
+        c,
+        vec![
+            subscribe_with_id(1, "x", 1),
+            Packet::Unsubscribe(unsubscribe),
+            subscribe_with_id(3, "x", 1),
+        ],
+    );
+    w.settle();
+    match w.node(0).received(c).as_slice() {
+        [Packet::SubAck(a), Packet::UnsubAck(u), Packet::SubAck(b)] => {
+            assert_eq!((a.pkid, u.pkid, b.pkid), (1, 2, 3));
+            assert_eq!(u.reasons, [wire::UnsubAckReason::Success]);
+        }
+        other => panic!("expected SUBACK, UNSUBACK, SUBACK, got {other:?}"),
+    }
+    w.publish(1, publisher, "x", "after", QoS::AtMostOnce, 0);
+    w.settle();
+    assert_eq!(w.payloads(0, c), ["after"]);
+}
+
+/// A client that pipelines SUBSCRIBE, PUBLISH and closes its socket before the SUBSCRIBE's
+/// barrier completes: the PUBLISH read behind the SUBSCRIBE is not lost with it.
+#[test]
+fn packets_held_behind_a_parked_subscribe_take_effect_when_the_connection_is_lost() {
+    let mut w = Workers::new(2);
+    let listener = w.connect(1, "listener");
+    w.subscribe(1, listener, "y", QoS::AtMostOnce);
+    let c = w.connect(0, "c");
+    let p = Publish::new(
+        "y",
+        QoS::AtMostOnce,
+        Bytes::from_static(b"last words"),
+        None,
+    );
+    w.send_pipelined(0, c, vec![subscribe_with_id(1, "x", 1), Packet::Publish(p)]);
+    let h = w.node(0);
+    assert_eq!(
+        h.engine.stats.forwarded, 0,
+        "the PUBLISH waits behind the SUBSCRIBE"
+    );
+    h.engine.connection_lost(c, h.now);
+    w.settle();
+    assert_eq!(w.payloads(1, listener), ["last words"]);
+}
+
+/// A peer that is connected but never answers (hung) holds a new route's SUBACK, the
+/// packets behind it and a retained PUBLISH's PUBACK only until `cluster.barrier_timeout_ms`:
+/// then they go out, and each barrier given up is counted. Its late answer changes nothing.
+#[test]
+fn barriers_a_hung_peer_never_confirms_time_out() {
+    assert_eq!(Config::default().cluster.barrier_timeout_ms, 5_000);
+    let mut config = Config::default();
+    let timeout_ms = 2_500;
+    config.cluster.barrier_timeout_ms = timeout_ms;
+    let mut w = Workers::with_config(&[NodeId::local(0), NodeId::local(1)], config);
+    let c = w.connect(0, "c");
+    let p = Publish::new("x", QoS::AtMostOnce, Bytes::from_static(b"own"), None);
+    w.send_pipelined(0, c, vec![subscribe_with_id(1, "x", 1), Packet::Publish(p)]);
+    w.publish_retained(0, c, "r", "kept", 2);
+    // Worker 1 never drains its inbox: it is hung.
+    w.drain(0);
+    let h = w.node(0);
+    assert!(h.received(c).is_empty(), "all of it waits for the barriers");
+    h.advance(1); // the first tick starts the clock
+    assert!(h.received(c).is_empty(), "not before the timeout");
+    h.now += std::time::Duration::from_millis(timeout_ms - 1);
+    h.engine.tick(h.now);
+    assert!(h.received(c).is_empty(), "not before the timeout");
+    h.now += std::time::Duration::from_millis(1);
+    h.engine.tick(h.now);
+    match h.received(c).as_slice() {
+        [Packet::SubAck(s), Packet::Publish(m)] => {
+            assert_eq!(s.pkid, 1);
+            assert_eq!(&m.payload[..], b"own");
+        }
+        other => panic!("expected SUBACK, own PUBLISH, got {other:?}"),
+    }
+    assert_eq!(h.engine.stats.barrier_timeouts, 1);
+    // The retained PUBLISH, read behind the SUBSCRIBE, waits for a barrier of its own.
+    h.advance(1);
+    assert!(h.received(c).is_empty(), "PUBACK not before the timeout");
+    h.now += std::time::Duration::from_millis(timeout_ms);
+    h.engine.tick(h.now);
+    assert!(matches!(h.received(c).as_slice(), [Packet::PubAck(a)] if a.pkid == 2));
+    assert_eq!(
+        h.engine.stats.barrier_timeouts, 2,
+        "one per barrier given up"
+    );
+
+    // The peer wakes up: its late confirmations find nothing waiting.
+    w.settle();
+    assert!(w.node(0).received(c).is_empty());
+    assert_eq!(w.node(0).engine.stats.barrier_timeouts, 2);
+}
+
+/// Paho's `test_subscribe_options` and `test_request_response` on four workers: a peer
+/// that has applied a new route forwards a message for it while the subscriber's worker
+/// still waits for the other peers' confirmations. The subscription is live on its own
+/// worker from the start, so the message is delivered (MQTT-3.8.4 lets it precede the
+/// SUBACK), not dropped for want of a subscription.
+#[test]
+fn message_forwarded_before_the_suback_reaches_the_new_subscription() {
+    let mut w = Workers::new(3);
+    let sub = w.connect(1, "sub");
+    let publisher = w.connect(0, "pub");
+    w.send_subscribe(1, sub, "x", QoS::AtLeastOnce);
+    assert_eq!(w.drain(0), 2, "worker 0 applies the route and confirms");
+    w.publish(0, publisher, "x", "early", QoS::AtLeastOnce, 1);
+    assert_eq!(w.forwarded(0), 1, "worker 0 forwards it to worker 1");
+    w.drain(1); // worker 0's confirmation and the message; worker 2 has not answered
+    assert_eq!(w.payloads(1, sub), ["early"]);
+    w.settle();
+    assert_eq!(
+        suback_codes(&w.node(1).received(sub)),
+        [granted(QoS::AtLeastOnce)]
     );
 }

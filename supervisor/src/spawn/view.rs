@@ -21,6 +21,7 @@ impl WorkerSet {
                 let active = slot.active.and_then(|id| self.procs.get(&id));
                 SlotView {
                     restarts: slot.restarts,
+                    ready_timeouts: slot.ready_timeouts,
                     ready: active.is_some_and(|p| p.ready),
                     link: active.map(|p| p.child.metrics.clone()),
                 }

@@ -47,7 +47,13 @@ impl Broker {
     /// Starts mqttd with `workers` worker processes; returns once it printed
     /// `mqttd listening tcp ADDR` and `mqttd listening metrics ADDR` (every worker is ready).
     pub fn start_workers(workers: u16, sets: &[&str]) -> Broker {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqttd"));
+        Broker::start_exe(env!("CARGO_BIN_EXE_mqttd").as_ref(), workers, sets)
+    }
+
+    /// As [`Broker::start_workers`], running the binary at `exe` (the supervisor re-execs
+    /// that path for every worker it starts later).
+    pub fn start_exe(exe: &std::path::Path, workers: u16, sets: &[&str]) -> Broker {
+        let mut cmd = Command::new(exe);
         cmd.args([
             "--bind",
             "127.0.0.1:0",
