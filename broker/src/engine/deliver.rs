@@ -82,7 +82,13 @@ impl Engine {
             msg: msg.clone(),
             delivery,
         });
-        if online && session.queue.len() >= behind_mark {
+        // A held peer link stops every session's traffic on it, so a peer is held only at
+        // the limit (a local publisher, at half of it); both resume below half.
+        let mark = match source {
+            Source::Peer(_) => self.config.limits.max_queued_messages.max(behind_mark),
+            _ => behind_mark,
+        };
+        if online && session.queue.len() >= mark {
             self.wait_for(source, Behind::Session(skey));
         }
     }

@@ -3,8 +3,9 @@
 //! feeds a destination that is behind waits for it, as TCP would:
 //!
 //! - an online session whose queue reaches half of `limits.max_queued_messages` is
-//!   *behind*: the client connection whose PUBLISH filled it stops being read, and a peer
-//!   worker whose forwarded message filled it stops being read (its link is held; the
+//!   *behind*: the client connection whose PUBLISH filled it stops being read; at the
+//!   limit itself, a peer worker whose forwarded message filled it stops being read too
+//!   (its link is held, which stops all its traffic here, hence the later mark; the
 //!   peer's outbox then fills and it pauses its own publishers, below);
 //! - a peer whose outbox (frames not yet written to it) passed the backend's watermark is
 //!   *behind*: the publisher whose message was forwarded to it stops being read.
