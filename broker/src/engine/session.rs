@@ -82,7 +82,8 @@ pub struct Session {
     /// come and go so budget checks on the delivery path cost nothing.
     pub held_bytes: usize,
     next_pkid: u16,
-    /// Sources are paused until this session catches up (see `flow.rs`).
+    /// Sources are paused until this session catches up (see `flow.rs`); kept here so an
+    /// acknowledgement needs no lookup in the waiters map to know whether to release any.
     pub waited_for: bool,
     /// Packet ids of incoming QoS 2 PUBLISHes awaiting PUBREL (their PUBREC was sent).
     pub incoming_qos2: Vec<u16>,

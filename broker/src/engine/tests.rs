@@ -110,6 +110,31 @@ impl Harness {
     }
 }
 
+/// A PUBLISH of `len` bytes.
+pub(super) fn publish_payload(
+    h: &mut Harness,
+    key: ConnKey,
+    topic: &str,
+    qos: QoS,
+    pkid: u16,
+    len: usize,
+) {
+    let mut p = Publish::new(topic, qos, Bytes::from(vec![b'x'; len]), None);
+    p.pkid = pkid;
+    h.send(key, Packet::Publish(p));
+}
+
+pub(super) fn puback(h: &mut Harness, key: ConnKey, pkid: u16) {
+    h.send(
+        key,
+        Packet::PubAck(PubAck {
+            pkid,
+            reason: PubAckReason::Success,
+            properties: None,
+        }),
+    );
+}
+
 pub(super) fn publishes(packets: &[Packet]) -> Vec<&Publish> {
     packets
         .iter()

@@ -9,10 +9,10 @@ use bytes::{Bytes, BytesMut};
 
 use super::accounting::{message_bytes, Footprint};
 use super::session::{Inflight, Queued, Session};
-use super::tests::{publishes, Harness};
+use super::tests::{puback, publish_payload, publishes, Harness};
 use super::{Conn, ConnKey};
 use crate::config::{Config, RateLimitAction};
-use crate::protocol::{DisconnectReasonCode, Packet, PubAck, PubAckReason, Publish, QoS};
+use crate::protocol::{DisconnectReasonCode, Packet, Publish, QoS};
 use rumqttc::v5::mqttbytes::v5 as wire;
 use topic_trie::SubscriptionOptions;
 
@@ -21,23 +21,6 @@ const SLAB_SLOT: usize = size_of::<usize>();
 fn harness(config: Config) -> Harness {
     // The engine's rate-limit clock starts at its creation, as does the harness's.
     Harness::with_config(config)
-}
-
-fn publish_payload(h: &mut Harness, key: ConnKey, topic: &str, qos: QoS, pkid: u16, len: usize) {
-    let mut p = Publish::new(topic, qos, Bytes::from(vec![b'x'; len]), None);
-    p.pkid = pkid;
-    h.send(key, Packet::Publish(p));
-}
-
-fn puback(h: &mut Harness, key: ConnKey, pkid: u16) {
-    h.send(
-        key,
-        Packet::PubAck(PubAck {
-            pkid,
-            reason: PubAckReason::Success,
-            properties: None,
-        }),
-    );
 }
 
 /// Sends CONNECT on an already accepted connection; returns what came back.

@@ -2,14 +2,12 @@
 //! publish the will, reserved bits, inflight messages the client can no longer take,
 //! packets shrunk or withheld to fit the client's Maximum Packet Size.
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 
-use super::tests::{publishes, will, Harness};
+use super::tests::{puback, publish_payload, publishes, will, Harness};
 use super::ConnKey;
 use crate::config::Config;
-use crate::protocol::{
-    ConnectProperties, Disconnect, DisconnectReasonCode, Packet, PubAck, PubAckReason, Publish, QoS,
-};
+use crate::protocol::{ConnectProperties, Disconnect, DisconnectReasonCode, Packet, QoS};
 use rumqttc::v5::mqttbytes::v5 as wire;
 
 /// Connects a v5 client that allows packets of at most `max_packet` bytes.
@@ -32,23 +30,6 @@ fn connect_limited(
     };
     h.send(key, Packet::Connect(connect, None, None));
     key
-}
-
-fn publish_payload(h: &mut Harness, key: ConnKey, topic: &str, pkid: u16, len: usize) {
-    let mut p = Publish::new(topic, QoS::AtLeastOnce, Bytes::from(vec![b'x'; len]), None);
-    p.pkid = pkid;
-    h.send(key, Packet::Publish(p));
-}
-
-fn puback(h: &mut Harness, key: ConnKey, pkid: u16) {
-    h.send(
-        key,
-        Packet::PubAck(PubAck {
-            pkid,
-            reason: PubAckReason::Success,
-            properties: None,
-        }),
-    );
 }
 
 /// A v5 client that ends with DISCONNECT `reason`: is its will published?
@@ -99,7 +80,7 @@ fn inflight_message_too_large_on_resume_is_discarded_and_the_queue_moves_up() {
     let c = connect_limited(&mut h, "c", true, 100, 100_000);
     h.received(c);
     h.subscribe(c, "t/#", QoS::AtLeastOnce);
-    publish_payload(&mut h, publisher, "t/big", 1, 1000);
+    publish_payload(&mut h, publisher, "t/big", QoS::AtLeastOnce, 1, 1000);
     let got = h.received(c);
     assert_eq!(
         publishes(&got).len(),
@@ -108,7 +89,7 @@ fn inflight_message_too_large_on_resume_is_discarded_and_the_queue_moves_up() {
     );
     h.engine.connection_lost(c, h.now);
     // Queued behind the window of one while the client is away.
-    publish_payload(&mut h, publisher, "t/small", 2, 10);
+    publish_payload(&mut h, publisher, "t/small", QoS::AtLeastOnce, 2, 10);
 
     let c = connect_limited(&mut h, "c", false, 100, 200);
     let got = h.received(c);

@@ -406,10 +406,6 @@ impl TcpReactor {
             dirty.dedup();
             for key in dirty.drain(..) {
                 self.flush(key);
-                if self.engine.borrow_mut().take_read_resumed(key) {
-                    // Its pause for a destination that was behind ended: read what waited.
-                    self.unfinished_reads.push(key);
-                }
             }
         }
         self.dirty = dirty;
@@ -451,7 +447,12 @@ impl TcpReactor {
         let drained = engine.output(key).is_none_or(|out| out.is_empty());
         let closing = engine.is_closing(key);
         let abort = engine.should_abort(key);
+        let resumed = engine.take_read_resumed(key);
         drop(engine);
+        if resumed {
+            // Its pause for a destination that was behind ended: read what waited.
+            self.unfinished_reads.push(key);
+        }
         if failed || (closing && abort) {
             self.close(key);
         } else if closing && drained {
