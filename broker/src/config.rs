@@ -14,8 +14,10 @@ use serde::Deserialize;
 
 mod metrics;
 mod quic;
+mod redis;
 pub use metrics::MetricsConfig;
 pub use quic::{Congestion, QuicConfig};
+pub use redis::{RedisConfig, RedisUrls};
 
 /// Everything a worker needs to know. `Default` is the embedded, no-outside-service setup.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -28,13 +30,15 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub quic: QuicConfig,
+    pub redis: RedisConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
     /// What carries state between workers: `embedded` (Unix sockets between the workers of
-    /// one host, no outside service).
+    /// one host, no outside service) or `redis` (the same within a host; Redis between
+    /// hosts, see `[redis]`).
     pub backend: ClusterBackend,
     /// Worker processes; 0 = one per available core.
     pub workers: u16,
@@ -61,6 +65,8 @@ pub enum ClusterBackend {
     /// A Unix-socket mesh between the worker processes of one host.
     #[default]
     Embedded,
+    /// The embedded mesh within a host, Redis (`[redis]`) between hosts.
+    Redis,
 }
 
 impl Default for ClusterConfig {
@@ -297,6 +303,9 @@ impl Config {
             bail!("limits.max_packet_size must be at least 64 bytes");
         }
         self.quic.validate()?;
+        if self.cluster.backend == ClusterBackend::Redis {
+            self.redis.validate()?;
+        }
         Ok(())
     }
 }

@@ -28,6 +28,7 @@ use std::rc::Rc;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
 use crate::engine::{Engine, Stats};
+use crate::model::{StoreStats, ROUND_TRIP_MICROS_BUCKETS};
 
 pub use crate::config::MetricsConfig;
 
@@ -71,6 +72,8 @@ pub struct WorkerMetrics {
     pub rate_limited: Vec<(&'static str, u64)>,
     pub slow_consumer_disconnects: u64,
     pub auth_failures: u64,
+    /// The Redis link, in `cluster.backend = "redis"`.
+    pub store: Option<StoreStats>,
 }
 
 /// The worker process as `/proc/self` shows it. A value that cannot be read is 0.
@@ -359,7 +362,84 @@ impl WorkerMetrics {
         );
         w.sample("mqttd_connection_accounted_bytes_sum", &[], h.sum);
         w.sample("mqttd_connection_accounted_bytes_count", &[], h.count());
+        if let Some(store) = &self.store {
+            render_store(&mut w, store);
+        }
     }
+}
+
+/// The Redis link's families (`cluster.backend = "redis"` only).
+fn render_store(w: &mut Exposition<'_>, s: &StoreStats) {
+    let gauges: [(&str, &str, u64); 3] = [
+        (
+            "mqttd_redis_up",
+            "1 when Redis answered the last command sent to it.",
+            u64::from(s.up),
+        ),
+        (
+            "mqttd_redis_pipeline_depth",
+            "Commands in the latest pipeline sent to Redis.",
+            s.pipeline_depth,
+        ),
+        (
+            "mqttd_redis_queued_bytes",
+            "Bytes waiting to be written to Redis (forwards to other hosts, changes).",
+            s.queued_bytes,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        w.single(name, "gauge", help, value);
+    }
+    let counters: [(&str, &str, u64); 3] = [
+        (
+            "mqttd_redis_commands_total",
+            "Commands sent to Redis (pipelined).",
+            s.commands,
+        ),
+        (
+            "mqttd_redis_reconnects_total",
+            "Connections to Redis opened again after a failure.",
+            s.reconnects,
+        ),
+        (
+            "mqttd_redis_round_trips_total",
+            "Round trips to Redis (a pipeline is one).",
+            s.round_trips,
+        ),
+    ];
+    for (name, help, value) in counters {
+        w.single(name, "counter", help, value);
+    }
+    w.labelled(
+        "mqttd_redis_messages_total",
+        "counter",
+        "Messages written to Redis for other hosts (out) and read from it (in).",
+        "direction",
+        &[("out", s.messages_out), ("in", s.messages_in)],
+    );
+    let name = "mqttd_redis_round_trip_seconds";
+    w.family(name, "histogram", "Latency of round trips to Redis.");
+    let mut cumulative = 0;
+    for (bound, n) in ROUND_TRIP_MICROS_BUCKETS.iter().zip(s.round_trip_buckets) {
+        cumulative += n;
+        let le = format!("{}", *bound as f64 / 1e6);
+        w.sample(
+            "mqttd_redis_round_trip_seconds_bucket",
+            &[("le", &le)],
+            cumulative,
+        );
+    }
+    w.sample(
+        "mqttd_redis_round_trip_seconds_bucket",
+        &[("le", "+Inf")],
+        s.round_trips,
+    );
+    w.sample(
+        "mqttd_redis_round_trip_seconds_sum",
+        &[],
+        s.round_trip_micros_sum as f64 / 1e6,
+    );
+    w.sample("mqttd_redis_round_trip_seconds_count", &[], s.round_trips);
 }
 
 /// Answers the supervisor's scrapes on `channel` (see the module docs) until it closes.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use mqttd_broker::config::Config;
+use mqttd_broker::config::{ClusterBackend, Config};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::child::Launch;
@@ -20,6 +20,11 @@ use crate::spawn::WorkerSet;
 /// `user_args` are this process's own arguments, passed on to every worker unchanged
 /// (so workers load the same config), followed by the worker flags.
 pub fn run(config: Config, user_args: Vec<OsString>) -> anyhow::Result<()> {
+    if config.cluster.backend == ClusterBackend::Redis {
+        // Refuse to start (after a bounded wait) rather than run workers that cannot reach
+        // the other hosts; the message names the URL.
+        mqttd_broker::cluster::redis::check_reachable(&config.redis)?;
+    }
     let count = worker_count(&config);
     // Port 0 becomes a concrete port here, and stays ours while we live (see `reserve`).
     let reservation =

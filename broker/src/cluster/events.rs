@@ -52,6 +52,9 @@ pub enum ClusterEvent {
     },
     /// Every peer confirmed this worker's barrier `id` (and so every earlier one).
     BarrierDone(u64),
+    /// What was forwarded up to confirmation `id` (see
+    /// [`super::Cluster::unconfirmed_forwards`]) and before has been handed on.
+    ForwardsConfirmed(u64),
     /// A connection another worker handed over (its client id lives here).
     Adopt(HandedStream),
     PeerStats {

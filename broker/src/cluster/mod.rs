@@ -14,7 +14,8 @@
 //! Around the engine's life, the worker asks the backend through [`Lifecycle`] (ready to
 //! serve? where do drained sessions go?). [`build`] makes the backend the config names:
 //! [`Standalone`] for a broker of one worker, [`mesh`] (`cluster.backend = "embedded"`,
-//! Unix sockets between the workers of one host). [`loopback`] connects engines in one
+//! Unix sockets between the workers of one host), [`redis`] (`cluster.backend = "redis"`:
+//! the mesh within a host, Redis between hosts). [`loopback`] connects engines in one
 //! process for tests. Workers are named by [`NodeId`] (host and slot), so a backend that
 //! spans hosts fits the same interface.
 
@@ -25,6 +26,7 @@ mod fdpass;
 mod handoff;
 pub mod loopback;
 pub mod mesh;
+pub mod redis;
 mod wire;
 
 use std::future::Future;
@@ -37,7 +39,7 @@ pub use events::{ClusterEvent, ClusterInbox};
 pub use handoff::{HandedStream, HandoffError, StreamKind};
 
 use crate::config::{ClusterBackend, Config};
-use crate::model::{Message, NodeId, Route, SessionImage, SharedTarget, WorkerStats};
+use crate::model::{Message, NodeId, Route, SessionImage, SharedTarget, StoreStats, WorkerStats};
 
 /// Who this worker is among the workers of its host, given by the supervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +94,14 @@ pub trait Cluster {
     /// it passed the backend's mark): the engine pauses the publisher until
     /// [`ClusterEvent::PeerCaughtUp`].
     fn forward(&mut self, to: NodeId, msg: &Message, plain: bool, shared: &[SharedTarget]) -> bool;
+    /// Called before a QoS 1/2 message's acknowledgement goes out, after it was routed:
+    /// `Some(id)` when something forwarded since the last call is not yet handed on as far
+    /// as this backend promises (a backend writing to an outside store); the
+    /// acknowledgement then waits for [`ClusterEvent::ForwardsConfirmed`] with `id` or
+    /// later. Confirmations complete in order. `None` (the default): handed on in memory.
+    fn unconfirmed_forwards(&mut self) -> Option<u64> {
+        None
+    }
     /// Stops (`hold`) or resumes taking messages from `peer`: a destination here is behind,
     /// so the peer's queue for this worker grows and it pauses its own publishers.
     fn hold_peer(&mut self, _peer: NodeId, _hold: bool) {}
@@ -127,6 +137,10 @@ pub trait Cluster {
     /// Messages for other workers dropped because a peer's outbox was full or its link down.
     fn dropped_forwards(&self) -> u64 {
         0
+    }
+    /// The link to an outside store, for a backend that has one (Redis).
+    fn store_stats(&self) -> Option<StoreStats> {
+        None
     }
 }
 
@@ -169,11 +183,11 @@ pub struct Backend {
 /// Builds the backend the config names. `identity` is `None` for a broker of one worker,
 /// which needs none. Must run inside the worker's `LocalSet` (backends spawn their tasks).
 pub fn build(config: &Config, identity: Option<WorkerIdentity>) -> anyhow::Result<Backend> {
-    let Some(me) = identity else {
-        return Ok(Standalone::backend());
-    };
-    match config.cluster.backend {
-        ClusterBackend::Embedded => Ok(mesh::start(me)?),
+    match (config.cluster.backend, identity) {
+        (ClusterBackend::Embedded, None) => Ok(Standalone::backend()),
+        (ClusterBackend::Embedded, Some(me)) => Ok(mesh::start(me)?),
+        // Even one worker has other hosts to reach.
+        (ClusterBackend::Redis, identity) => self::redis::start(config, identity),
     }
 }
 

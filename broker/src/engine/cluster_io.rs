@@ -44,6 +44,7 @@ impl Engine {
             }
             ClusterEvent::BarrierRequested { from, id } => self.cluster.barrier_reached(from, id),
             ClusterEvent::BarrierDone(id) => self.barrier_done(id, now),
+            ClusterEvent::ForwardsConfirmed(id) => self.forwards_confirmed(id),
             ClusterEvent::Adopt(stream) => self.adopt(stream),
             ClusterEvent::PeerStats { from, stats } => {
                 self.worker_stats.insert(from, stats);
@@ -149,13 +150,29 @@ impl Engine {
     /// Every peer confirmed barrier `id` (and so every earlier one: links are FIFO): the
     /// acknowledgements and SUBACKs waiting for it go out.
     pub(super) fn barrier_done(&mut self, id: u64, now: Instant) {
+        self.barriers_done = self.barriers_done.max(id);
+        self.release_held_acks();
+        self.route_barrier_done(id, now);
+    }
+
+    /// The backend has handed on everything forwarded up to confirmation `id`.
+    fn forwards_confirmed(&mut self, id: u64) {
+        self.forwards_confirmed = self.forwards_confirmed.max(id);
+        self.release_held_acks();
+    }
+
+    /// Sends the held acknowledgements whose barrier and confirmation are both complete.
+    fn release_held_acks(&mut self) {
         let holding = std::mem::take(&mut self.holding_acks);
         for key in holding {
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
             match conn.held_acks.take() {
-                Some(held) if held.barrier <= id => {
+                Some(held)
+                    if held.barrier <= self.barriers_done
+                        && held.confirmation <= self.forwards_confirmed =>
+                {
                     for ack in &held.acks {
                         conn.send(ack);
                     }
@@ -167,6 +184,5 @@ impl Engine {
                 None => {}
             }
         }
-        self.route_barrier_done(id, now);
     }
 }

@@ -40,11 +40,14 @@ pub enum ConnState {
     HandingOff,
 }
 
-/// Acknowledgements held until a cluster barrier completes (see `Engine::acknowledge`).
+/// Acknowledgements held until a cluster barrier completes, or until the backend has
+/// handed the messages they acknowledge on (see `Engine::acknowledge`).
 #[derive(Debug)]
 pub struct HeldAcks {
-    /// The latest barrier they wait for (barriers complete in order).
+    /// The latest barrier they wait for (barriers complete in order); 0: none.
     pub barrier: u64,
+    /// The latest forward confirmation they wait for (in order too); 0: none.
+    pub confirmation: u64,
     /// PUBACK/PUBREC/PUBCOMP packets, in the order the client's packets arrived.
     pub acks: Vec<Packet>,
 }

@@ -52,6 +52,7 @@ impl Engine {
             ],
             slow_consumer_disconnects: s.slow_consumer_disconnects,
             auth_failures: s.auth_failures,
+            store: self.cluster.store_stats(),
         }
     }
 }

@@ -96,6 +96,10 @@ pub struct Engine {
     /// Barriers this engine waits for, oldest first, with the tick that first saw each
     /// (`barriers.rs`: their timeout).
     pending_barriers: std::collections::VecDeque<(u64, Option<Instant>)>,
+    /// The latest barrier completed (or given up), and the latest forward confirmation
+    /// (`Cluster::unconfirmed_forwards`): held acknowledgements wait for both.
+    barriers_done: u64,
+    forwards_confirmed: u64,
     /// Routes each peer announced, so they can be dropped when it goes away.
     remote_routes: AHashMap<NodeId, std::collections::HashSet<Route>>,
     /// Routes a replaced peer's predecessor announced, kept until the replacement settles.
@@ -148,6 +152,8 @@ impl Engine {
             parked_subacks: Vec::new(),
             route_barrier: None,
             pending_barriers: Default::default(),
+            barriers_done: 0,
+            forwards_confirmed: 0,
             holding_acks: Vec::new(),
             worker_stats: Default::default(),
             remote_routes: AHashMap::new(),

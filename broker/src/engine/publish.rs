@@ -262,20 +262,31 @@ impl Engine {
     /// of a retained PUBLISH waits until every peer has stored the message (a barrier after
     /// the `Retained` frame), so a subscriber on any worker sees what was acknowledged;
     /// later acks of the connection queue behind it (acks go in PUBLISH order, MQTT-4.6).
+    /// Sends `ack` now, or holds it (behind any held before it, so acknowledgements keep
+    /// their order) until what it promises holds cluster-wide: a retained message stored
+    /// on every peer (a barrier), and what was forwarded for it handed to a backend that
+    /// confirms (`Cluster::unconfirmed_forwards`, e.g. written to Redis). Neither is timed
+    /// out the same way: a barrier is given up after `cluster.barrier_timeout_ms` (a hung
+    /// peer), a confirmation never is (the client's window pushes back instead).
     fn acknowledge(&mut self, key: ConnKey, ack: Packet, retained: bool) {
         let barrier = if retained { self.start_barrier() } else { None };
+        let confirmation = self.cluster.unconfirmed_forwards();
         let conn = &mut self.conns[key];
-        match (&mut conn.held_acks, barrier) {
-            (Some(held), barrier) => {
-                held.barrier = barrier.unwrap_or(held.barrier).max(held.barrier);
+        match &mut conn.held_acks {
+            Some(held) => {
+                held.barrier = held.barrier.max(barrier.unwrap_or(0));
+                held.confirmation = held.confirmation.max(confirmation.unwrap_or(0));
                 held.acks.push(ack);
             }
-            (None, Some(barrier)) => {
-                let acks = vec![ack];
-                conn.held_acks = Some(Box::new(HeldAcks { barrier, acks }));
+            None if barrier.is_some() || confirmation.is_some() => {
+                conn.held_acks = Some(Box::new(HeldAcks {
+                    barrier: barrier.unwrap_or(0),
+                    confirmation: confirmation.unwrap_or(0),
+                    acks: vec![ack],
+                }));
                 self.holding_acks.push(key);
             }
-            (None, None) => conn.send(&ack),
+            None => conn.send(&ack),
         }
     }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub mod clients;
 pub mod procs;
 pub mod prom;
+pub mod redis;
 
 /// A running broker process. Dropping it stops the process and checks it had not died.
 pub struct Broker {

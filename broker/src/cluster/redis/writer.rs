@@ -1,0 +1,367 @@
+//! The writer: everything this worker sends to Redis, in the order the engine made it, a
+//! pipeline per wake-up; and the heartbeat that keeps this worker registered and reaps
+//! workers whose liveness key expired.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use redis::{Cmd, Value};
+
+use super::conn::Conn;
+use super::keys::{self, Keys};
+use super::state::{Change, Shared, CAUGHT_UP, INBOX_BEHIND, INBOX_CAUGHT_UP};
+use crate::model::NodeId;
+
+/// How often a destination whose inbox is backlogged is looked at again.
+const BACKLOG_POLL: Duration = Duration::from_millis(20);
+
+/// One pipeline: kept until Redis has answered it, and sent again as is if it failed.
+struct Batch {
+    cmds: Vec<Cmd>,
+    /// For each command: the destination whose inbox length it reports (`XLEN`).
+    backlog_of: Vec<Option<NodeId>>,
+    /// Forwards confirmed once this batch is written.
+    confirms: u64,
+}
+
+/// Appends `XADD P:log ...` for one change.
+fn log_entry(keys: &Keys, length: u64, me: &str, op: &str, data: &[u8]) -> Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(&keys.log)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(length)
+        .arg("*")
+        .arg("n")
+        .arg(me)
+        .arg("op")
+        .arg(op)
+        .arg("d")
+        .arg(data);
+    cmd
+}
+
+/// The encoded route, as it is kept in the route set and on the change log.
+pub(super) fn route_bytes(route: &crate::model::Route) -> Bytes {
+    let mut out = BytesMut::new();
+    super::super::wire::encode(
+        &mut out,
+        &super::super::wire::Frame::RouteAdd(route.clone()),
+        std::time::Instant::now(),
+    );
+    out.freeze()
+}
+
+/// Takes what is waiting into a batch; `None` when there is nothing to write.
+fn take_batch(s: &mut Shared) -> Option<Batch> {
+    let mut batch = Batch {
+        cmds: Vec::new(),
+        backlog_of: Vec::new(),
+        confirms: s.confirmations_issued,
+    };
+    let length = s.cfg.log_length;
+    let me = s.me;
+    while let Some(change) = s.changes.pop_front() {
+        let routes_key = s.keys.routes(me);
+        match change {
+            Change::RouteAdd(route) => {
+                let enc = route_bytes(&route);
+                batch
+                    .cmds
+                    .push(redis::cmd("SADD").arg(&routes_key).arg(&enc[..]).clone());
+                batch
+                    .cmds
+                    .push(log_entry(&s.keys, length, &s.me_name, "add", &enc));
+            }
+            Change::RouteRemove(route) => {
+                let enc = route_bytes(&route);
+                batch
+                    .cmds
+                    .push(redis::cmd("SREM").arg(&routes_key).arg(&enc[..]).clone());
+                batch
+                    .cmds
+                    .push(log_entry(&s.keys, length, &s.me_name, "del", &enc));
+            }
+            Change::SyncRoutes => {
+                let mut all = BytesMut::new();
+                let mut sadd = redis::cmd("SADD");
+                sadd.arg(&routes_key);
+                for route in &s.my_routes {
+                    let enc = route_bytes(route);
+                    sadd.arg(&enc[..]);
+                    all.put_slice(&enc);
+                }
+                batch.cmds.push(redis::cmd("DEL").arg(&routes_key).clone());
+                if !s.my_routes.is_empty() {
+                    batch.cmds.push(sadd);
+                }
+                batch
+                    .cmds
+                    .push(log_entry(&s.keys, length, &s.me_name, "sync", &all));
+            }
+            Change::Join => {
+                batch
+                    .cmds
+                    .push(log_entry(&s.keys, length, &s.me_name, "join", &[]));
+            }
+            Change::Retained {
+                topic,
+                frame,
+                clear,
+            } => {
+                let cmd = if clear {
+                    redis::cmd("HDEL")
+                        .arg(&s.keys.retained)
+                        .arg(&topic[..])
+                        .clone()
+                } else {
+                    redis::cmd("HSET")
+                        .arg(&s.keys.retained)
+                        .arg(&topic[..])
+                        .arg(&frame[..])
+                        .clone()
+                };
+                batch.cmds.push(cmd);
+                batch
+                    .cmds
+                    .push(log_entry(&s.keys, length, &s.me_name, "ret", &frame));
+            }
+            Change::Barrier(id) => {
+                let id = id.to_le_bytes();
+                batch
+                    .cmds
+                    .push(log_entry(&s.keys, length, &s.me_name, "bar", &id));
+            }
+        }
+    }
+    batch.backlog_of.resize(batch.cmds.len(), None);
+    let limit = s.cfg.batch_bytes;
+    for (&to, outbox) in s.outboxes.iter_mut() {
+        let inbox = s.keys.inbox(to);
+        let had = !outbox.buf.is_empty();
+        while !outbox.buf.is_empty() {
+            let chunk = split_frames(&mut outbox.buf, limit);
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(&inbox)
+                .arg("*")
+                .arg("n")
+                .arg(&s.me_name)
+                .arg("b")
+                .arg(&chunk[..]);
+            batch.cmds.push(cmd);
+            batch.backlog_of.push(None);
+        }
+        // How far behind its reader is: checked with every write, and polled while high.
+        if had || outbox.inbox_backlog > INBOX_CAUGHT_UP {
+            batch.cmds.push(redis::cmd("XLEN").arg(&inbox).clone());
+            batch.backlog_of.push(Some(to));
+        }
+    }
+    if batch.cmds.is_empty() {
+        return None;
+    }
+    Some(batch)
+}
+
+/// Splits off the first frames of `buf`, at most `limit` bytes of them (at least one
+/// frame, however large).
+fn split_frames(buf: &mut BytesMut, limit: usize) -> Bytes {
+    let mut end = 0;
+    while end + 4 <= buf.len() {
+        let len = (&buf[end..end + 4]).get_u32_le() as usize;
+        if end > 0 && end + 4 + len > limit {
+            break;
+        }
+        end += 4 + len;
+    }
+    buf.split_to(end.min(buf.len())).freeze()
+}
+
+/// Writes what the engine queued for Redis, one pipeline at a time, until the worker ends.
+/// A pipeline that fails is sent again, whole, once Redis is back (so nothing queued is
+/// lost; a change or batch Redis had applied before failing may then arrive twice).
+pub(super) async fn run(shared: Rc<RefCell<Shared>>) {
+    let cfg = shared.borrow().cfg.clone();
+    let wake = shared.borrow().wake_writer.clone();
+    let mut conn = open(&shared, &cfg, "writer").await;
+    let mut pending: Option<Batch> = None;
+    loop {
+        if pending.is_none() {
+            pending = take_batch(&mut shared.borrow_mut());
+        }
+        let Some(batch) = pending.as_ref() else {
+            let polling = shared
+                .borrow()
+                .outboxes
+                .values()
+                .any(|o| o.inbox_backlog > INBOX_CAUGHT_UP);
+            if polling {
+                let _ = tokio::time::timeout(BACKLOG_POLL, wake.notified()).await;
+            } else {
+                wake.notified().await;
+            }
+            continue;
+        };
+        shared.borrow_mut().in_flight = true;
+        let result = conn.run(&batch.cmds).await;
+        shared.borrow_mut().in_flight = false;
+        match result {
+            Ok((replies, rtt)) => {
+                written(&mut shared.borrow_mut(), batch, &replies, rtt);
+                pending = None;
+            }
+            Err(e) => {
+                shared.borrow_mut().mark_down("write", &e);
+                conn = open(&shared, &cfg, "writer").await;
+            }
+        }
+    }
+}
+
+/// Redis has `batch`: what it confirms is told to the engine.
+fn written(s: &mut Shared, batch: &Batch, replies: &[Value], rtt: Duration) {
+    s.mark_up();
+    s.stats
+        .observe_round_trip(rtt.as_micros() as u64, batch.cmds.len());
+    for (reply, of) in replies.iter().zip(&batch.backlog_of) {
+        if let (Some(to), Value::Int(len)) = (of, reply) {
+            if let Some(outbox) = s.outboxes.get_mut(to) {
+                outbox.inbox_backlog = *len as u64;
+            }
+        }
+    }
+    s.confirmed(batch.confirms);
+    caught_up(s);
+}
+
+/// Destinations reported behind that are no longer: their publishers may go on.
+fn caught_up(s: &mut Shared) {
+    let mut done = Vec::new();
+    for (&to, outbox) in s.outboxes.iter_mut() {
+        if outbox.behind && outbox.buf.len() < CAUGHT_UP && outbox.inbox_backlog <= INBOX_CAUGHT_UP
+        {
+            outbox.behind = false;
+            done.push(to);
+        }
+    }
+    for to in done {
+        s.outer.push(crate::cluster::ClusterEvent::PeerCaughtUp(to));
+    }
+}
+
+/// Whether `to` is behind: too much queued here, or too much unread in its inbox.
+pub(super) fn is_behind(queued: usize, inbox_backlog: u64) -> bool {
+    queued > super::state::BEHIND || inbox_backlog > INBOX_BEHIND
+}
+
+pub(super) async fn open(
+    shared: &Rc<RefCell<Shared>>,
+    cfg: &crate::config::RedisConfig,
+    what: &str,
+) -> Conn {
+    let conn = Conn::open_retrying(cfg, |e| shared.borrow_mut().mark_down(what, e)).await;
+    shared.borrow_mut().mark_up();
+    conn
+}
+
+/// Keeps this worker registered (`P:nodes`, and a liveness key that expires unless
+/// refreshed) and removes workers whose key expired: their routes and inbox go, and the
+/// change log says they are gone. Whoever removes a worker from `P:nodes` first does it,
+/// so it is done once however many survivors notice.
+pub(super) async fn heartbeat(shared: Rc<RefCell<Shared>>) {
+    let cfg = shared.borrow().cfg.clone();
+    let (keys, me, me_name) = {
+        let s = shared.borrow();
+        (s.keys.clone(), s.me, s.me_name.clone())
+    };
+    let mut conn = open(&shared, &cfg, "heartbeat").await;
+    let mut interval = tokio::time::interval(Duration::from_millis(cfg.heartbeat_ms));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let pid = std::process::id();
+    loop {
+        interval.tick().await;
+        let register = [
+            redis::cmd("SET")
+                .arg(keys.alive(me))
+                .arg(pid)
+                .arg("PX")
+                .arg(cfg.liveness_ttl_ms)
+                .clone(),
+            redis::cmd("SADD").arg(&keys.nodes).arg(&me_name).clone(),
+            redis::cmd("SMEMBERS").arg(&keys.nodes).clone(),
+        ];
+        let replies = match conn.run(&register).await {
+            Ok((replies, _)) => replies,
+            Err(e) => {
+                shared.borrow_mut().mark_down("heartbeat", &e);
+                conn = open(&shared, &cfg, "heartbeat").await;
+                continue;
+            }
+        };
+        if !shared.borrow().registered {
+            let mut s = shared.borrow_mut();
+            s.registered = true;
+            s.synced_notify.notify_waiters();
+        }
+        if let Some(Value::Int(1)) = replies.get(1) {
+            // New here (first start, or reaped while unreachable): say so, then what we
+            // route, so every follower has us.
+            let mut s = shared.borrow_mut();
+            s.change(Change::Join);
+            s.change(Change::SyncRoutes);
+        }
+        let nodes: Vec<NodeId> = match replies.get(2) {
+            Some(Value::Array(items)) | Some(Value::Set(items)) => items
+                .iter()
+                .filter_map(|v| match v {
+                    Value::BulkString(b) => keys::parse_name(b),
+                    _ => None,
+                })
+                .filter(|&n| n != me)
+                .collect(),
+            _ => Vec::new(),
+        };
+        if let Err(e) = reap(&mut conn, &keys, &cfg, &me_name, &nodes).await {
+            shared.borrow_mut().mark_down("reaper", &e);
+        }
+    }
+}
+
+async fn reap(
+    conn: &mut Conn,
+    keys: &Keys,
+    cfg: &crate::config::RedisConfig,
+    me_name: &str,
+    nodes: &[NodeId],
+) -> redis::RedisResult<()> {
+    if nodes.is_empty() {
+        return Ok(());
+    }
+    let exists: Vec<Cmd> = nodes
+        .iter()
+        .map(|&n| redis::cmd("EXISTS").arg(keys.alive(n)).clone())
+        .collect();
+    let (alive, _) = conn.run(&exists).await?;
+    for (&node, alive) in nodes.iter().zip(alive) {
+        if alive != Value::Int(0) {
+            continue;
+        }
+        let name = keys::name(node);
+        let removed: i64 = conn
+            .query(redis::cmd("SREM").arg(&keys.nodes).arg(&name))
+            .await?;
+        if removed != 1 {
+            continue; // another survivor got there first
+        }
+        tracing::warn!(worker = %name, "worker's liveness key expired: its routes removed");
+        let gone = [
+            redis::cmd("DEL").arg(keys.routes(node)).clone(),
+            redis::cmd("DEL").arg(keys.inbox(node)).clone(),
+            log_entry(keys, cfg.log_length, &name, "gone", me_name.as_bytes()),
+        ];
+        conn.run(&gone).await?;
+    }
+    Ok(())
+}
