@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v mosquitto_pub >/dev/null || need_apt+=(mosquitto-clients)
 command -v mosquitto >/dev/null || need_apt+=(mosquitto)
+# The Redis backend's tests start their own redis-server (Debian's) on free ports.
+command -v redis-server >/dev/null || need_apt+=(redis-server)
 # promtool checks configs/*.yml; no recommends: they pull node_exporter, which wants :9100.
 command -v promtool >/dev/null || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -44,3 +46,16 @@ for suite in "${suites[@]}"; do
   (cd supervisor && MQTTD_TEST_WORKERS=4 "$suite")
 done
 MQTTD_TEST_WORKERS=4 python3 -m pytest tests/interop -q
+# The foundation's rumqttc and paho-mqtt suites again, unchanged, against a broker in Redis
+# mode (2 workers) on a throwaway redis-server.
+redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+redis_dir=$(mktemp -d)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$redis_dir" >/dev/null &
+redis_pid=$!
+trap 'kill $redis_pid 2>/dev/null; rm -rf "$redis_dir"' EXIT
+until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.1; done
+export MQTTD_TEST_REDIS_URL="redis://127.0.0.1:$redis_port"
+for suite in "${suites[@]}"; do
+  case "$suite" in */v311-*|*/v5-*) (cd supervisor && MQTTD_TEST_WORKERS=2 "$suite") ;; esac
+done
+MQTTD_TEST_WORKERS=2 python3 -m pytest tests/interop -q

@@ -220,7 +220,7 @@ impl WorkerMetrics {
             process.cpu_seconds,
         );
 
-        let counters: [(&str, &str, u64); 11] = [
+        let counters: [(&str, &str, u64); 12] = [
             (
                 "mqttd_connections_accepted_total",
                 "TCP connections accepted.",
@@ -260,6 +260,11 @@ impl WorkerMetrics {
                 "mqttd_barrier_timeouts_total",
                 "Cluster barriers given up after cluster.barrier_timeout_ms: a peer did not confirm.",
                 s.barrier_timeouts,
+            ),
+            (
+                "mqttd_claim_timeouts_total",
+                "CONNECTs that went on without their client id claimed across hosts in time (Redis down, old owner gone).",
+                s.claim_timeouts,
             ),
             (
                 "mqttd_takeovers_total",

@@ -232,3 +232,85 @@ fn refuses_to_start_when_redis_is_unreachable() {
     assert!(stderr.contains(&url), "names the URL: {stderr}");
     assert!(started.elapsed() < Duration::from_secs(15), "bounded wait");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_moves_between_hosts_with_its_session() {
+    let redis = RedisServer::start();
+    let a = host(&redis, &[]);
+    let b = host(&redis, &[]);
+    // A persistent session on a, with messages queued while it is offline.
+    let mut first = v5::connect(v5::persistent(&a, "mover", 300)).await;
+    first.subscribe("mv/#", v5::QoS::AtLeastOnce).await;
+    first.disconnect().await;
+    let mut publisher = v5::connect(v5::opts(&a, "mv-pub")).await;
+    for i in 0..5 {
+        publisher
+            .publish("mv/q", v5::QoS::AtLeastOnce, false, i.to_string())
+            .await;
+    }
+    // Online on a again, then the same id connects through b: a's connection is taken
+    // over (0x8E) and the session, with what was queued, continues on b.
+    let mut on_a = v5::connect(v5::persistent(&a, "mover", 300)).await;
+    let mut got = BTreeSet::new();
+    while got.len() < 5 {
+        let p = on_a.next_publish().await;
+        got.insert(payload_str(&p.payload));
+    }
+    let mut on_b = v5::connect(v5::persistent(&b, "mover", 300)).await;
+    assert!(on_b.connack.session_present, "the session came from a");
+    let closed = on_a.events.expect_closed().await;
+    assert!(
+        format!("{closed:?}").contains("SessionTakenOver"),
+        "a's connection ended with 0x8E: {closed:?}"
+    );
+    // The subscription came along: a message published on a reaches the client on b.
+    publisher
+        .publish("mv/after", v5::QoS::AtLeastOnce, false, "after")
+        .await;
+    let p = on_b.next_publish().await;
+    assert_eq!(payload_str(&p.payload), "after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_connects_with_one_id_on_two_hosts_leave_one_owner() {
+    let redis = RedisServer::start();
+    let a = host(&redis, &[]);
+    let b = host(&redis, &[]);
+    const N: usize = 20;
+    let mut tries = Vec::new();
+    for i in 0..N {
+        let broker = if i % 2 == 0 { &a } else { &b };
+        let o = v4::persistent(broker, "contested");
+        tries.push(tokio::spawn(async move { v4::try_connect(o).await.ok() }));
+    }
+    let mut conns = Vec::new();
+    for t in tries {
+        if let Some(conn) = t.await.unwrap() {
+            conns.push(conn);
+        }
+    }
+    assert!(!conns.is_empty(), "some connects succeeded");
+    // Every connection but the last owner's is closed by the broker, on either host.
+    let deadline = Instant::now() + STEP;
+    let open = loop {
+        let mut open = 0;
+        for c in conns.iter_mut() {
+            if !c.events.closed_within(Duration::from_millis(10)).await {
+                open += 1;
+            }
+        }
+        if open <= 1 || Instant::now() >= deadline {
+            break open;
+        }
+    };
+    assert_eq!(open, 1, "exactly one connection keeps the client id");
+    let owner = redis
+        .cli(&["HGET", "mqttd:owner:{contested}", "owner"])
+        .unwrap_or_default();
+    assert!(!owner.is_empty(), "the registry names one owner");
+    assert_eq!(
+        redis.cli(&["HGET", "mqttd:owner:{contested}", "epoch"]),
+        Some(N.to_string()),
+        "every connect claimed the id once"
+    );
+}

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -152,6 +153,12 @@ def start_mqttd(tmp_path, settings):
     args = [binary, "--bind", "127.0.0.1:0", "--set", 'quic.bind="127.0.0.1:0"',
             "--workers", os.environ.get("MQTTD_TEST_WORKERS", "1"),
             "--set", 'metrics.bind="127.0.0.1:0"']
+    # The suite runs again against a broker in Redis mode (tests/run-all.sh).
+    if os.environ.get("MQTTD_TEST_REDIS_URL"):
+        # Each broker on its own key prefix: brokers of different tests are not one cluster.
+        args += ["--set", 'cluster.backend="redis"',
+                 "--set", f'redis.url="{os.environ["MQTTD_TEST_REDIS_URL"]}"',
+                 "--set", f'redis.prefix="test-{uuid.uuid4().hex}"']
     for key, value in settings.items():
         if isinstance(value, bool):
             value = "true" if value else "false"

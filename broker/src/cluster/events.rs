@@ -61,7 +61,28 @@ pub enum ClusterEvent {
         from: NodeId,
         stats: WorkerStats,
     },
-    /// A persistent session handed over by this slot's previous process.
+    /// The client id of the CONNECT parked as `ticket` (see [`super::Cluster::claim`]) is
+    /// this worker's now. `previous`: its owner on another host, which sends the session
+    /// ([`ClusterEvent::SessionImported`] or [`ClusterEvent::SessionAbsent`]) when asked.
+    /// `epoch` orders the claims of one client id (the latest owns it).
+    Claimed {
+        ticket: u64,
+        epoch: u64,
+        previous: Option<NodeId>,
+    },
+    /// Worker `to` (on another host) claimed `client_id` at `epoch`: unless this worker
+    /// claimed it later, close its connection here and, if `send_session`, answer with
+    /// [`super::Cluster::send_session`].
+    Released {
+        client_id: String,
+        to: NodeId,
+        send_session: bool,
+        epoch: u64,
+    },
+    /// The previous owner of a claimed client id had no session for it.
+    SessionAbsent(String),
+    /// A persistent session handed over by this slot's previous process, or by the
+    /// previous owner of a client id claimed here.
     SessionImported(Box<SessionImage>),
     /// More queued and inflight messages of the session imported last (a large session
     /// comes in several parts).

@@ -805,7 +805,10 @@ fn apply(
     // for the successor, not subscriptions ending.
     let superseded = slot != st.me.index && st.peers[slot as usize].pid != Some(pid);
     let event = match frame {
-        Frame::Hello { .. } | Frame::Superseded => return,
+        // Release and NoSession travel between hosts (the Redis backend), never here.
+        Frame::Hello { .. } | Frame::Superseded | Frame::Release { .. } | Frame::NoSession(_) => {
+            return
+        }
         Frame::RouteAdd(route) => ClusterEvent::RouteAdded { from, route },
         Frame::RouteRemove(_) if superseded => return,
         Frame::RouteRemove(route) => ClusterEvent::RouteRemoved { from, route },
@@ -942,7 +945,7 @@ async fn connect_successor(me: &WorkerIdentity) -> Option<(UnixStream, u32)> {
 /// A session as frames of at most about `SESSION_CHUNK` bytes of messages each (but at
 /// least one message): `Session` with the inflight messages and the first of the queue,
 /// then `SessionMore`s with the rest of the queue, in order.
-fn session_frames(mut image: SessionImage) -> Vec<Frame> {
+pub(super) fn session_frames(mut image: SessionImage) -> Vec<Frame> {
     let size = |msg: &Message| msg.topic.len() + msg.payload.len() + 64;
     let mut queue = std::mem::take(&mut image.queue).into_iter().peekable();
     let mut inflight = std::mem::take(&mut image.inflight).into_iter().peekable();

@@ -102,6 +102,17 @@ pub trait Cluster {
     fn unconfirmed_forwards(&mut self) -> Option<u64> {
         None
     }
+    /// A CONNECT for `client_id` is about to be accepted here. `Some(ticket)` when the id
+    /// must first be claimed across hosts: the CONNECT waits for
+    /// [`ClusterEvent::Claimed`] (and, when that names a previous owner and
+    /// `want_session`, for the session). `None` (the default): ids are unique within
+    /// this backend's reach already (a client id's home worker).
+    fn claim(&mut self, _client_id: &str, _want_session: bool) -> Option<u64> {
+        None
+    }
+    /// Answers [`ClusterEvent::Released`]: the session of `client_id` for `to`, or `None`
+    /// when there was none.
+    fn send_session(&mut self, _to: NodeId, _client_id: &str, _image: Option<SessionImage>) {}
     /// Stops (`hold`) or resumes taking messages from `peer`: a destination here is behind,
     /// so the peer's queue for this worker grows and it pauses its own publishers.
     fn hold_peer(&mut self, _peer: NodeId, _hold: bool) {}

@@ -61,6 +61,16 @@ pub enum Frame {
     /// A replacement has imported its predecessor's sessions and announced their routes:
     /// routes the predecessor announced and it did not are gone.
     Settled,
+    /// The sender (on another host) claimed this client id: close its connection and, if
+    /// `send_session`, answer with the session (`Session` frames) or `NoSession`.
+    Release {
+        client_id: String,
+        send_session: bool,
+        /// The claim's epoch (the latest claim of a client id owns it).
+        epoch: u64,
+    },
+    /// The answer to a `Release` when the client id had no session.
+    NoSession(String),
 }
 
 mod kind {
@@ -80,6 +90,8 @@ mod kind {
     pub const HANDOVER_END: u8 = 15;
     pub const SETTLED: u8 = 16;
     pub const SUPERSEDED: u8 = 17;
+    pub const RELEASE: u8 = 18;
+    pub const NO_SESSION: u8 = 19;
 }
 
 #[derive(Debug)]
@@ -158,6 +170,16 @@ pub fn encode(out: &mut BytesMut, f: &Frame, now: Instant) {
         Frame::HandoverEnd => frame(out, kind::HANDOVER_END, |_| {}),
         Frame::Settled => frame(out, kind::SETTLED, |_| {}),
         Frame::Superseded => frame(out, kind::SUPERSEDED, |_| {}),
+        Frame::Release {
+            client_id,
+            send_session,
+            epoch,
+        } => frame(out, kind::RELEASE, |o| {
+            o.put_u8(u8::from(*send_session));
+            o.put_u64_le(*epoch);
+            put_str(o, client_id);
+        }),
+        Frame::NoSession(client_id) => frame(out, kind::NO_SESSION, |o| put_str(o, client_id)),
         Frame::Stats(s) => frame(out, kind::STATS, |o| {
             for v in [
                 s.clients_connected,
@@ -471,6 +493,12 @@ pub fn decode(buf: &mut BytesMut, now: Instant) -> Result<Option<Frame>, WireErr
         kind::HANDOVER_END => Frame::HandoverEnd,
         kind::SETTLED => Frame::Settled,
         kind::SUPERSEDED => Frame::Superseded,
+        kind::RELEASE => Frame::Release {
+            send_session: r.u8()? == 1,
+            epoch: r.u64()?,
+            client_id: r.str()?.into(),
+        },
+        kind::NO_SESSION => Frame::NoSession(r.str()?.into()),
         kind::STATS => Frame::Stats(WorkerStats {
             clients_connected: r.u64()?,
             sessions: r.u64()?,

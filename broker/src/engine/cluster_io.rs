@@ -5,6 +5,7 @@
 use std::rc::Rc;
 use std::time::Instant;
 
+use super::claims::Release;
 use super::flow::{Behind, Source};
 use super::Engine;
 use crate::cluster::ClusterEvent;
@@ -49,7 +50,27 @@ impl Engine {
             ClusterEvent::PeerStats { from, stats } => {
                 self.worker_stats.insert(from, stats);
             }
-            ClusterEvent::SessionImported(image) => self.import_session(*image, now),
+            ClusterEvent::SessionImported(image) => self.session_received(*image, now),
+            ClusterEvent::Claimed {
+                ticket,
+                epoch,
+                previous,
+            } => self.claimed(ticket, epoch, previous, now),
+            ClusterEvent::Released {
+                client_id,
+                to,
+                send_session,
+                epoch,
+            } => self.released(
+                &client_id,
+                Release {
+                    to,
+                    send: send_session,
+                    epoch,
+                },
+                now,
+            ),
+            ClusterEvent::SessionAbsent(client_id) => self.session_arrived(&client_id, now),
             ClusterEvent::SessionContinued(image) => self.continue_session(*image),
         }
     }
@@ -152,6 +173,7 @@ impl Engine {
     pub(super) fn barrier_done(&mut self, id: u64, now: Instant) {
         self.barriers_done = self.barriers_done.max(id);
         self.release_held_acks();
+        self.connects_after_barrier(id, now);
         self.route_barrier_done(id, now);
     }
 

@@ -70,11 +70,12 @@ pub enum Admission {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlowState {
     Reading,
-    /// A SUBSCRIBE of this connection waits for a cluster barrier (`ParkedSubAck`): the
-    /// packets read after it wait, undecoded, in `partial`, so that they take effect after
-    /// it (MQTT-4.6), as they would on one worker. Bounded by the barrier timeout and by
-    /// the connection's memory budget (`partial` is charged to it). Still read.
-    HeldForSubAck,
+    /// A SUBSCRIBE of this connection waits for a cluster barrier (`ParkedSubAck`), or its
+    /// CONNECT for its client id to be claimed across hosts (`claims.rs`): the packets read
+    /// after it wait, undecoded, in `partial`, so that they take effect after it (MQTT-4.6),
+    /// as they would on one worker. Bounded by the barrier (claim) timeout and by the
+    /// connection's memory budget (`partial` is charged to it). Still read.
+    Held,
     /// Not read: a destination of its last PUBLISH is behind.
     Paused,
     /// The pause ended; the driver has yet to read it again

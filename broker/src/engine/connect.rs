@@ -72,9 +72,9 @@ pub(super) fn empty_connack_props() -> ConnAckProperties {
 }
 
 /// What negotiation settled: the session to attach to and what the CONNACK grants.
-struct Negotiated {
-    client_id: String,
-    clean_start: bool,
+pub(super) struct Negotiated {
+    pub(super) client_id: String,
+    pub(super) clean_start: bool,
     /// Seconds, capped at the server's maximum.
     session_expiry: u32,
     /// None for 3.1.1, whose CONNACK has no properties.
@@ -102,7 +102,7 @@ impl Engine {
             Ok(negotiated) => negotiated,
             Err((code, why)) => return self.refuse(key, code, why),
         };
-        self.accept_connect(key, negotiated, will, now);
+        self.claim_then_accept(key, negotiated, will, now);
     }
 
     /// Whether this worker goes on with a CONNECT: false if it refused it (connect rate,
@@ -268,7 +268,7 @@ impl Engine {
 
     /// Attaches the connection to its session (created, resumed or taken over), keeps the
     /// will, sends the CONNACK and resumes delivery of what the session holds.
-    fn accept_connect(
+    pub(super) fn accept_connect(
         &mut self,
         key: ConnKey,
         negotiated: Negotiated,

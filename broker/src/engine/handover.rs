@@ -39,56 +39,60 @@ impl Engine {
             .filter(|(_, s)| s.conn.is_none() && s.expiry_secs > 0)
             .map(|(k, _)| k)
             .collect();
-        let mut images = Vec::with_capacity(keys.len());
-        for skey in keys {
-            let s = self.sessions.remove(skey);
-            self.client_ids.remove(&s.client_id);
-            for filter in s.subscriptions.keys() {
-                self.remove_subscription(skey, filter);
-            }
-            images.push(SessionImage {
-                client_id: s.client_id.to_string(),
-                expiry_secs: s.expiry_secs,
-                expires_in: s.expires_at.map(|at| {
-                    at.saturating_duration_since(now)
-                        .as_secs()
-                        .min(u32::MAX as u64) as u32
-                }),
-                subscriptions: s
-                    .subscriptions
-                    .iter()
-                    .map(|(filter, options)| SubscriptionImage {
-                        filter: filter.to_string(),
-                        options: *options,
-                    })
-                    .collect(),
-                queue: s
-                    .queue
-                    .into_iter()
-                    .map(|q| QueuedImage {
-                        msg: (*q.msg).clone(),
-                        delivery: q.delivery,
-                    })
-                    .collect(),
-                inflight: s
-                    .inflight
-                    .into_iter()
-                    .map(|m| InflightImage {
-                        pkid: m.pkid,
-                        awaiting_comp: m.state == InflightState::AwaitingComp,
-                        msg: (*m.msg).clone(),
-                        delivery: m.delivery,
-                    })
-                    .collect(),
-                incoming_qos2: s.incoming_qos2,
-                will: s.will.zip(s.will_at).map(|(will, at)| WillImage {
-                    msg: will.msg,
-                    delay_secs: will.delay_secs,
-                    due_in: at.saturating_duration_since(now).as_secs() as u32,
-                }),
-            });
+        keys.into_iter()
+            .map(|skey| self.export_session(skey, now))
+            .collect()
+    }
+
+    /// Takes one offline session out of this engine, as an image to send on.
+    pub(super) fn export_session(&mut self, skey: SessionKey, now: Instant) -> SessionImage {
+        let s = self.sessions.remove(skey);
+        self.client_ids.remove(&s.client_id);
+        self.claim_epochs.remove(&s.client_id);
+        for filter in s.subscriptions.keys() {
+            self.remove_subscription(skey, filter);
         }
-        images
+        SessionImage {
+            client_id: s.client_id.to_string(),
+            expiry_secs: s.expiry_secs,
+            expires_in: s.expires_at.map(|at| {
+                at.saturating_duration_since(now)
+                    .as_secs()
+                    .min(u32::MAX as u64) as u32
+            }),
+            subscriptions: s
+                .subscriptions
+                .iter()
+                .map(|(filter, options)| SubscriptionImage {
+                    filter: filter.to_string(),
+                    options: *options,
+                })
+                .collect(),
+            queue: s
+                .queue
+                .into_iter()
+                .map(|q| QueuedImage {
+                    msg: (*q.msg).clone(),
+                    delivery: q.delivery,
+                })
+                .collect(),
+            inflight: s
+                .inflight
+                .into_iter()
+                .map(|m| InflightImage {
+                    pkid: m.pkid,
+                    awaiting_comp: m.state == InflightState::AwaitingComp,
+                    msg: (*m.msg).clone(),
+                    delivery: m.delivery,
+                })
+                .collect(),
+            incoming_qos2: s.incoming_qos2,
+            will: s.will.zip(s.will_at).map(|(will, at)| WillImage {
+                msg: will.msg,
+                delay_secs: will.delay_secs,
+                due_in: at.saturating_duration_since(now).as_secs() as u32,
+            }),
+        }
     }
 
     /// Installs a session handed over by this worker's predecessor (unless the client id

@@ -15,6 +15,7 @@
 
 mod accounting;
 mod barriers;
+mod claims;
 mod cluster_io;
 mod conn;
 mod connect;
@@ -100,6 +101,11 @@ pub struct Engine {
     /// (`Cluster::unconfirmed_forwards`): held acknowledgements wait for both.
     barriers_done: u64,
     forwards_confirmed: u64,
+    /// CONNECTs waiting for their client id to be claimed across hosts (`claims.rs`).
+    parked_connects: Vec<claims::ParkedConnect>,
+    /// The claim epoch of each session claimed across hosts (empty unless the backend
+    /// claims): a release from an older claim leaves a newer session alone.
+    claim_epochs: AHashMap<Box<str>, u64>,
     /// Routes each peer announced, so they can be dropped when it goes away.
     remote_routes: AHashMap<NodeId, std::collections::HashSet<Route>>,
     /// Routes a replaced peer's predecessor announced, kept until the replacement settles.
@@ -154,6 +160,8 @@ impl Engine {
             pending_barriers: Default::default(),
             barriers_done: 0,
             forwards_confirmed: 0,
+            parked_connects: Vec::new(),
+            claim_epochs: AHashMap::new(),
             holding_acks: Vec::new(),
             worker_stats: Default::default(),
             remote_routes: AHashMap::new(),
@@ -264,7 +272,7 @@ impl Engine {
             // connection moves there together with every byte read so far.
             self.connect_bytes = Some(bytes::Bytes::copy_from_slice(buf));
         }
-        if conn.flow == conn::FlowState::HeldForSubAck && !buf.is_empty() {
+        if conn.flow == conn::FlowState::Held && !buf.is_empty() {
             // Not decoded yet, but the client is alive: keep-alive counts from here.
             conn.last_packet_at = now;
         }
@@ -285,7 +293,7 @@ impl Engine {
                 self.connect_bytes = None;
                 return;
             }
-            if conn.flow == conn::FlowState::HeldForSubAck {
+            if conn.flow == conn::FlowState::Held {
                 // Behind a SUBSCRIBE waiting for its barrier: the rest waits (as a partial
                 // packet) until that SUBSCRIBE completes.
                 break;
@@ -336,7 +344,7 @@ impl Engine {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if conn.flow == conn::FlowState::HeldForSubAck {
+        if conn.flow == conn::FlowState::Held {
             conn.flow = conn::FlowState::Reading;
         }
         let mut held = std::mem::take(&mut conn.partial);
@@ -513,6 +521,7 @@ impl Engine {
         }
         self.cut_slow_consumers();
         self.expire_barriers(now);
+        self.expire_parked_connects(now);
         self.expire_sessions(now);
         self.release_idle_message_buffers();
         self.connect_limiter.sweep(self.millis(now));
@@ -607,6 +616,7 @@ impl Engine {
         let session = self.sessions.remove(skey);
         if self.client_ids.get(&session.client_id) == Some(&skey) {
             self.client_ids.remove(&session.client_id);
+            self.claim_epochs.remove(&session.client_id);
         }
         for (filter, _) in session.subscriptions.iter() {
             self.remove_subscription(skey, filter);

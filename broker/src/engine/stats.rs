@@ -59,4 +59,6 @@ pub struct Stats {
     pub dropped_mesh_backlog: u64,
     /// Cluster barriers given up after `cluster.barrier_timeout_ms` (a peer did not answer).
     pub barrier_timeouts: u64,
+    /// CONNECTs that went on without their client id settled across hosts in time.
+    pub claim_timeouts: u64,
 }

@@ -117,9 +117,9 @@ impl Engine {
         // then it waits for the latest announcement's barrier too.
         match barrier.or(self.route_barrier) {
             Some(barrier) => {
-                // The connection's later packets wait behind it (`FlowState::HeldForSubAck`), so
+                // The connection's later packets wait behind it (`FlowState::Held`), so
                 // a connection has at most one parked SUBSCRIBE.
-                self.conns[key].flow = FlowState::HeldForSubAck;
+                self.conns[key].flow = FlowState::Held;
                 self.parked_subacks.push((barrier, parked));
             }
             None => self.complete_subscribe(parked, now),
@@ -175,7 +175,7 @@ impl Engine {
         if !self
             .conns
             .get(key)
-            .is_some_and(|c| c.flow == FlowState::HeldForSubAck)
+            .is_some_and(|c| c.flow == FlowState::Held)
         {
             return;
         }
@@ -306,7 +306,7 @@ impl Engine {
         let mut reasons = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
             // A SUBSCRIBE of this connection waiting for its barrier holds this UNSUBSCRIBE
-            // back (`FlowState::HeldForSubAck`): it is live by now.
+            // back (`FlowState::Held`): it is live by now.
             let existed = self.sessions[skey]
                 .subscriptions
                 .remove(filter.as_str())

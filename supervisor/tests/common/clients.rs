@@ -103,6 +103,26 @@ impl<E: Debug, X: Debug> Events<E, X> {
         }
     }
 
+    /// Whether the connection has ended, waiting at most `limit` for it to. Events that
+    /// arrive meanwhile are kept.
+    pub async fn closed_within(&mut self, limit: Duration) -> bool {
+        if self.closed.is_some() {
+            return true;
+        }
+        let until = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(until, self.rx.recv()).await {
+                Err(_) => return false,
+                Ok(None) => return true,
+                Ok(Some(Ok(e))) => self.stash.push_back(e),
+                Ok(Some(Err(err))) => {
+                    self.closed = Some(err);
+                    return true;
+                }
+            }
+        }
+    }
+
     /// Events received but not consumed yet.
     pub fn stashed(&self) -> &VecDeque<E> {
         &self.stash

@@ -67,6 +67,17 @@ impl Broker {
             "--set",
             "quic.bind=\"127.0.0.1:0\"",
         ]);
+        // The suites run again against a broker in Redis mode (tests/run-all.sh); each
+        // broker on its own key prefix, so that the brokers of tests running at once are
+        // not hosts of one cluster.
+        if let Ok(url) = std::env::var("MQTTD_TEST_REDIS_URL") {
+            static BROKERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = BROKERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            cmd.args(["--set", "cluster.backend=\"redis\""]);
+            cmd.args(["--set", &format!("redis.url=\"{url}\"")]);
+            let prefix = format!("test-{}-{n}", std::process::id());
+            cmd.args(["--set", &format!("redis.prefix=\"{prefix}\"")]);
+        }
         for s in sets {
             cmd.args(["--set", s]);
         }

@@ -19,6 +19,7 @@ use super::super::wire::{self, Frame};
 use super::keys;
 use super::state::Shared;
 use crate::cluster::ClusterEvent;
+use crate::model::SessionImage;
 
 /// Milliseconds one `XREAD` waits: also how long a drain may wait for the reader to stop.
 const BLOCK_MS: u64 = 500;
@@ -43,6 +44,7 @@ pub(super) async fn run(shared: Rc<RefCell<Shared>>) {
     let mut conn = super::writer::open(&shared, &cfg, "inbox").await;
     let mut from = "0-0".to_string();
     let mut read: Vec<String> = Vec::new();
+    let mut arriving = None;
     loop {
         if shared.borrow().inbox_stop {
             break;
@@ -92,7 +94,7 @@ pub(super) async fn run(shared: Rc<RefCell<Shared>>) {
             };
             if let (Some(from_node), Some(Value::BulkString(batch))) = (sender, entry.map.get("b"))
             {
-                deliver(&mut s, from_node, batch);
+                deliver(&mut s, from_node, batch, &mut arriving);
             }
             from = entry.id.clone();
             read.push(entry.id);
@@ -106,12 +108,44 @@ pub(super) async fn run(shared: Rc<RefCell<Shared>>) {
     shared.borrow_mut().inbox_stopped = true;
 }
 
-/// Hands one batch of frames from `from` to the engine.
-fn deliver(s: &mut Shared, from: crate::model::NodeId, batch: &[u8]) {
+/// Hands one batch of frames from `from` to the engine. A session (a claimed client id's,
+/// from its previous owner) may span batches: its parts are put together in `arriving`
+/// and handed over whole at `HandoverEnd`.
+fn deliver(
+    s: &mut Shared,
+    from: crate::model::NodeId,
+    batch: &[u8],
+    arriving: &mut Option<SessionImage>,
+) {
     let mut buf = BytesMut::from(batch);
     let now = Instant::now();
     loop {
         match wire::decode(&mut buf, now) {
+            Ok(Some(Frame::Release {
+                client_id,
+                send_session,
+                epoch,
+            })) => s.outer.push(ClusterEvent::Released {
+                client_id,
+                to: from,
+                send_session,
+                epoch,
+            }),
+            Ok(Some(Frame::NoSession(client_id))) => {
+                s.outer.push(ClusterEvent::SessionAbsent(client_id))
+            }
+            Ok(Some(Frame::Session(image))) => *arriving = Some(*image),
+            Ok(Some(Frame::SessionMore(more))) => {
+                if let Some(image) = arriving.as_mut() {
+                    image.inflight.extend(more.inflight);
+                    image.queue.extend(more.queue);
+                }
+            }
+            Ok(Some(Frame::HandoverEnd)) => {
+                if let Some(image) = arriving.take() {
+                    s.outer.push(ClusterEvent::SessionImported(Box::new(image)));
+                }
+            }
             Ok(Some(Frame::Publish { plain, shared, msg })) => {
                 s.stats.messages_in += 1;
                 s.outer.push(ClusterEvent::Forwarded {

@@ -11,6 +11,7 @@
 //! | `P:{h.s}:in`          | stream | messages for the worker, a batch of frames an entry   |
 //! | `P:log`               | stream | route, retained and membership changes, in order      |
 //! | `P:retained`          | hash   | topic → retained message (an encoded frame)           |
+//! | `P:owner:{client id}` | hash   | `owner` (`host.slot`) and `epoch` of a client id       |
 
 use crate::model::NodeId;
 
@@ -38,6 +39,10 @@ impl Keys {
 
     pub fn routes(&self, node: NodeId) -> String {
         format!("{}:{{{}}}:routes", self.prefix, name(node))
+    }
+
+    pub fn owner(&self, client_id: &str) -> String {
+        format!("{}:owner:{{{client_id}}}", self.prefix)
     }
 
     pub fn inbox(&self, node: NodeId) -> String {

@@ -46,7 +46,7 @@ use super::{
     LocalFuture, Standalone, WorkerIdentity,
 };
 use crate::config::Config;
-use crate::model::{Message, NodeId, Route, SharedTarget, StoreStats, WorkerStats};
+use crate::model::{Message, NodeId, Route, SessionImage, SharedTarget, StoreStats, WorkerStats};
 use crate::protocol::QoS;
 
 /// How long a draining worker waits for its inbox reader to stop, and then for what it
@@ -185,6 +185,38 @@ impl Cluster for RedisCluster {
         s.forwarded_unconfirmed = false;
         s.confirmations_issued += 1;
         Some(s.confirmations_issued)
+    }
+
+    /// Every CONNECT (clean or not: a client id is unique across hosts) claims its id in
+    /// Redis, in the writer's next pipeline.
+    fn claim(&mut self, client_id: &str, want_session: bool) -> Option<u64> {
+        let mut s = self.shared.borrow_mut();
+        s.claims_issued += 1;
+        let ticket = s.claims_issued;
+        s.change(Change::Claim {
+            ticket,
+            client_id: client_id.to_string(),
+            want_session,
+        });
+        Some(ticket)
+    }
+
+    /// Through the new owner's inbox, in frames of bounded size, then `HandoverEnd`
+    /// (its inbox reader puts the parts together).
+    fn send_session(&mut self, to: NodeId, client_id: &str, image: Option<SessionImage>) {
+        let mut s = self.shared.borrow_mut();
+        let outbox = s.outboxes.entry(to).or_default();
+        let now = Instant::now();
+        match image {
+            Some(image) => {
+                for frame in super::mesh::session_frames(image) {
+                    wire::encode(&mut outbox.buf, &frame, now);
+                }
+                wire::encode(&mut outbox.buf, &Frame::HandoverEnd, now);
+            }
+            None => wire::encode(&mut outbox.buf, &Frame::NoSession(client_id.into()), now),
+        }
+        s.wake_writer.notify_one();
     }
 
     fn hold_peer(&mut self, peer: NodeId, hold: bool) {
@@ -348,7 +380,7 @@ impl Lifecycle for RedisLifecycle {
     /// to their publishers among it.
     fn hand_over_sessions<'a>(
         &'a self,
-        export: Box<dyn FnOnce() -> Vec<crate::model::SessionImage> + 'a>,
+        export: Box<dyn FnOnce() -> Vec<SessionImage> + 'a>,
     ) -> LocalFuture<'a, ()> {
         Box::pin(async move {
             {

@@ -40,6 +40,12 @@ pub(super) enum Change {
     },
     /// This worker is new to the cluster (or was reaped while unreachable).
     Join,
+    /// Claim a client id for this worker (see `writer::CLAIM`).
+    Claim {
+        ticket: u64,
+        client_id: String,
+        want_session: bool,
+    },
     /// Announce a barrier on the change log.
     Barrier(u64),
 }
@@ -87,6 +93,7 @@ pub(super) struct Shared {
     /// The writer waits for Redis to answer a pipeline.
     pub in_flight: bool,
 
+    pub claims_issued: u64,
     pub next_barrier: u64,
     pub barriers: VecDeque<PendingBarrier>,
 
@@ -132,6 +139,7 @@ impl Shared {
             retiring: false,
             dropped: 0,
             in_flight: false,
+            claims_issued: 0,
             next_barrier: 0,
             barriers: VecDeque::new(),
             members: AHashSet::new(),
@@ -150,7 +158,12 @@ impl Shared {
     }
 
     pub fn change(&mut self, change: Change) {
-        if self.retiring && !matches!(change, Change::Barrier(_)) {
+        if self.retiring
+            && matches!(
+                change,
+                Change::RouteAdd(_) | Change::RouteRemove(_) | Change::SyncRoutes
+            )
+        {
             return;
         }
         self.changes.push_back(change);

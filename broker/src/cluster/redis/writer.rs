@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use redis::{Cmd, Value};
 
+use super::super::wire::{self, Frame};
 use super::conn::Conn;
 use super::keys::{self, Keys};
 use super::state::{Change, Shared, CAUGHT_UP, INBOX_BEHIND, INBOX_CAUGHT_UP};
@@ -17,11 +18,31 @@ use crate::model::NodeId;
 /// How often a destination whose inbox is backlogged is looked at again.
 const BACKLOG_POLL: Duration = Duration::from_millis(20);
 
+/// Claims a client id for a worker, atomically: the owner is replaced and the epoch (a
+/// fencing token) incremented; returns the new epoch and the previous owner, if any.
+const CLAIM: &str = "local prev = redis.call('HGET', KEYS[1], 'owner') \
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1) \
+redis.call('HSET', KEYS[1], 'owner', ARGV[1]) \
+return {epoch, prev}";
+
+/// What a command's reply is for, beyond success.
+enum After {
+    Nothing,
+    /// `XLEN` of this destination's inbox.
+    Backlog(NodeId),
+    /// The claim of a parked CONNECT.
+    Claim {
+        ticket: u64,
+        client_id: String,
+        want_session: bool,
+    },
+}
+
 /// One pipeline: kept until Redis has answered it, and sent again as is if it failed.
 struct Batch {
     cmds: Vec<Cmd>,
-    /// For each command: the destination whose inbox length it reports (`XLEN`).
-    backlog_of: Vec<Option<NodeId>>,
+    /// For each command, what its reply is for.
+    after: Vec<After>,
     /// Forwards confirmed once this batch is written.
     confirms: u64,
 }
@@ -58,7 +79,7 @@ pub(super) fn route_bytes(route: &crate::model::Route) -> Bytes {
 fn take_batch(s: &mut Shared) -> Option<Batch> {
     let mut batch = Batch {
         cmds: Vec::new(),
-        backlog_of: Vec::new(),
+        after: Vec::new(),
         confirms: s.confirmations_issued,
     };
     let length = s.cfg.log_length;
@@ -134,9 +155,29 @@ fn take_batch(s: &mut Shared) -> Option<Batch> {
                     .cmds
                     .push(log_entry(&s.keys, length, &s.me_name, "bar", &id));
             }
+            Change::Claim {
+                ticket,
+                client_id,
+                want_session,
+            } => {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(CLAIM)
+                    .arg(1)
+                    .arg(s.keys.owner(&client_id))
+                    .arg(&s.me_name);
+                batch.cmds.push(cmd);
+                batch
+                    .after
+                    .resize_with(batch.cmds.len() - 1, || After::Nothing);
+                batch.after.push(After::Claim {
+                    ticket,
+                    client_id,
+                    want_session,
+                });
+            }
         }
     }
-    batch.backlog_of.resize(batch.cmds.len(), None);
+    batch.after.resize_with(batch.cmds.len(), || After::Nothing);
     let limit = s.cfg.batch_bytes;
     for (&to, outbox) in s.outboxes.iter_mut() {
         let inbox = s.keys.inbox(to);
@@ -151,12 +192,12 @@ fn take_batch(s: &mut Shared) -> Option<Batch> {
                 .arg("b")
                 .arg(&chunk[..]);
             batch.cmds.push(cmd);
-            batch.backlog_of.push(None);
+            batch.after.push(After::Nothing);
         }
         // How far behind its reader is: checked with every write, and polled while high.
         if had || outbox.inbox_backlog > INBOX_CAUGHT_UP {
             batch.cmds.push(redis::cmd("XLEN").arg(&inbox).clone());
-            batch.backlog_of.push(Some(to));
+            batch.after.push(After::Backlog(to));
         }
     }
     if batch.cmds.is_empty() {
@@ -225,15 +266,61 @@ fn written(s: &mut Shared, batch: &Batch, replies: &[Value], rtt: Duration) {
     s.mark_up();
     s.stats
         .observe_round_trip(rtt.as_micros() as u64, batch.cmds.len());
-    for (reply, of) in replies.iter().zip(&batch.backlog_of) {
-        if let (Some(to), Value::Int(len)) = (of, reply) {
-            if let Some(outbox) = s.outboxes.get_mut(to) {
-                outbox.inbox_backlog = *len as u64;
+    for (reply, after) in replies.iter().zip(&batch.after) {
+        match (after, reply) {
+            (After::Backlog(to), Value::Int(len)) => {
+                if let Some(outbox) = s.outboxes.get_mut(to) {
+                    outbox.inbox_backlog = *len as u64;
+                }
             }
+            (
+                After::Claim {
+                    ticket,
+                    client_id,
+                    want_session,
+                },
+                reply,
+            ) => claimed(s, *ticket, client_id, *want_session, reply),
+            _ => {}
         }
     }
     s.confirmed(batch.confirms);
     caught_up(s);
+}
+
+/// A claim's reply: the previous owner, if on another host, is told to let go (and to
+/// send the session if the new connection resumes it); the parked CONNECT goes on.
+fn claimed(s: &mut Shared, ticket: u64, client_id: &str, want_session: bool, reply: &Value) {
+    let (epoch, previous) = match reply {
+        Value::Array(items) => (
+            match items.first() {
+                Some(Value::Int(e)) => *e as u64,
+                _ => 0,
+            },
+            match items.get(1) {
+                Some(Value::BulkString(name)) => keys::parse_name(name),
+                _ => None,
+            },
+        ),
+        _ => (0, None),
+    };
+    // This host's own workers settle a client id among themselves (its home worker).
+    let previous = previous.filter(|p| p.host != s.me.host);
+    if let Some(owner) = previous {
+        let outbox = s.outboxes.entry(owner).or_default();
+        let release = Frame::Release {
+            client_id: client_id.to_string(),
+            send_session: want_session,
+            epoch,
+        };
+        wire::encode(&mut outbox.buf, &release, std::time::Instant::now());
+        s.wake_writer.notify_one();
+    }
+    s.outer.push(crate::cluster::ClusterEvent::Claimed {
+        ticket,
+        epoch,
+        previous,
+    });
 }
 
 /// Destinations reported behind that are no longer: their publishers may go on.
