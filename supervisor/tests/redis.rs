@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::clients::{payload_str, v4, v5};
+use common::procs::{wait_until_gone, worker_pids};
 use common::redis::RedisServer;
 use common::{prom, Broker};
 
@@ -313,4 +314,106 @@ async fn simultaneous_connects_with_one_id_on_two_hosts_leave_one_owner() {
         Some(N.to_string()),
         "every connect claimed the id once"
     );
+}
+
+/// Kills a host at once, workers and supervisor: nothing gets to drain or hand anything
+/// over (the workers are stopped first, so the supervisor's death, which asks them to
+/// drain, reaches processes that cannot run).
+fn kill_host(host: &mut Broker) {
+    let workers = worker_pids(host.pid());
+    for (_, pid) in &workers {
+        Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap();
+    }
+    host.signal("KILL");
+    host.wait_exit();
+    for (_, pid) in &workers {
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+    }
+}
+
+/// Publishes `n` QoS 1 messages numbered from 0 on `topic`; each is PUBACKed, so stored.
+async fn publish_numbered(broker: &Broker, id: &str, topic: &str, n: usize) {
+    let mut publisher = v4::connect(v4::opts(broker, id)).await;
+    for i in 0..n {
+        publisher
+            .publish(topic, v4::QoS::AtLeastOnce, false, i.to_string())
+            .await;
+    }
+    publisher.disconnect().await;
+}
+
+/// Reconnects `id` (persistent) to `broker` and checks that its session is there with
+/// every one of the `n` numbered messages (a repeat only with DUP).
+async fn expect_session_with(broker: &Broker, id: &str, n: usize) {
+    // As a real client does: a connection that ends while a worker is replaced is tried
+    // again.
+    let deadline = Instant::now() + STEP;
+    let mut sub = loop {
+        match v4::try_connect(v4::persistent(broker, id)).await {
+            Ok(conn) => break conn,
+            Err(e) => assert!(Instant::now() < deadline, "{id}: cannot connect: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(sub.connack.session_present, "{id}: session restored");
+    let mut got = BTreeSet::new();
+    let deadline = Instant::now() + STEP;
+    while got.len() < n && Instant::now() < deadline {
+        if let Some(p) = sub.next_publish_within(Duration::from_millis(200)).await {
+            let k: usize = payload_str(&p.payload).parse().unwrap();
+            assert!(got.insert(k) || p.dup, "duplicate of {k} without DUP");
+        }
+    }
+    let lost: Vec<usize> = (0..n).filter(|k| !got.contains(k)).collect();
+    assert!(lost.is_empty(), "{id}: acknowledged and lost: {lost:?}");
+    sub.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_survives_kill_9_of_its_worker() {
+    let redis = RedisServer::start();
+    let a = host(&redis, &[]);
+    let mut sub = v4::connect(v4::persistent(&a, "dur-worker")).await;
+    sub.subscribe("dur/w", v4::QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    publish_numbered(&a, "dur-w-pub", "dur/w", 50).await;
+    // Its worker dies with the session and its queue in memory; the supervisor starts a
+    // new process for the slot, which has nothing of it but what Redis kept.
+    let home = mqttd_broker::cluster::home_worker("dur-worker", 2);
+    let (_, pid) = worker_pids(a.pid())
+        .into_iter()
+        .find(|&(i, _)| i == home)
+        .expect("home worker");
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    wait_until_gone(pid, STEP).await;
+    expect_session_with(&a, "dur-worker", 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_survives_kill_9_of_its_host_and_of_every_broker() {
+    let redis = RedisServer::start();
+    let mut a = host(&redis, &[]);
+    let mut b = host(&redis, &[]);
+    let mut sub = v4::connect(v4::persistent(&a, "dur-host")).await;
+    sub.subscribe("dur/h", v4::QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    publish_numbered(&a, "dur-h-pub", "dur/h", 50).await;
+    // Host a dies whole; the client comes back through host b.
+    kill_host(&mut a);
+    expect_session_with(&b, "dur-host", 50).await;
+
+    // Queued again on b, then every broker process dies; a new host has it all.
+    publish_numbered(&b, "dur-h-pub2", "dur/h", 30).await;
+    kill_host(&mut b);
+    let c = host(&redis, &[]);
+    expect_session_with(&c, "dur-host", 30).await;
 }

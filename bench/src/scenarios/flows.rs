@@ -89,6 +89,10 @@ pub struct FlowArgs {
     /// Max seconds to wait after the run for acks and in-flight deliveries.
     #[arg(long, default_value_t = 10.0)]
     pub drain_timeout: f64,
+    /// Port the subscribers connect to (default: --port): another host of the same
+    /// broker cluster, to measure what crosses hosts.
+    #[arg(long)]
+    pub subscriber_port: Option<u16>,
 }
 
 /// Bytes of queued publishes per publisher before we stop encoding more.
@@ -347,6 +351,7 @@ pub fn run(shape: Shape, args: FlowArgs) -> Result<()> {
 
 async fn run_async(shape: Shape, args: &FlowArgs, common: &Common) -> Result<FlowReport> {
     let addr = resolve(&common.host, common.port)?;
+    let sub_addr = resolve(&common.host, args.subscriber_port.unwrap_or(common.port))?;
     let proto = Protocol::from_level(common.protocol)?;
     let n = args.clients;
     let (npubs, nsubs) = match shape {
@@ -384,9 +389,9 @@ async fn run_async(shape: Shape, args: &FlowArgs, common: &Common) -> Result<Flo
     for i in 0..nsubs {
         let mut s = common
             .transport
-            .connect(addr, None)
+            .connect(sub_addr, None)
             .await
-            .with_context(|| format!("connecting subscriber {i} to {addr}"))?;
+            .with_context(|| format!("connecting subscriber {i} to {sub_addr}"))?;
         let mut rb = ReadBuf::new(64 * 1024);
         mqtt_connect(
             &mut s,

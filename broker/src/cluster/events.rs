@@ -65,10 +65,13 @@ pub enum ClusterEvent {
     /// this worker's now. `previous`: its owner on another host, which sends the session
     /// ([`ClusterEvent::SessionImported`] or [`ClusterEvent::SessionAbsent`]) when asked.
     /// `epoch` orders the claims of one client id (the latest owns it).
+    /// `stored`: the session as a session store has it (asked for by a CONNECT that
+    /// resumes its session), used unless this worker or the previous owner has it.
     Claimed {
         ticket: u64,
         epoch: u64,
         previous: Option<NodeId>,
+        stored: Option<Box<SessionImage>>,
     },
     /// Worker `to` (on another host) claimed `client_id` at `epoch`: unless this worker
     /// claimed it later, close its connection here and, if `send_session`, answer with

@@ -1020,6 +1020,7 @@ mod tests {
             subscriptions: Vec::new(),
             queue: (0..40)
                 .map(|seq| QueuedImage {
+                    seq: u64::from(seq),
                     msg: message(seq, megabyte),
                     delivery: Delivery {
                         qos: 1,

@@ -39,7 +39,9 @@ pub use events::{ClusterEvent, ClusterInbox};
 pub use handoff::{HandedStream, HandoffError, StreamKind};
 
 use crate::config::{ClusterBackend, Config};
-use crate::model::{Message, NodeId, Route, SessionImage, SharedTarget, StoreStats, WorkerStats};
+use crate::model::{
+    Message, NodeId, Route, SessionImage, SharedTarget, StoreOp, StoreStats, WorkerStats,
+};
 
 /// Who this worker is among the workers of its host, given by the supervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +115,16 @@ pub trait Cluster {
     /// Answers [`ClusterEvent::Released`]: the session of `client_id` for `to`, or `None`
     /// when there was none.
     fn send_session(&mut self, _to: NodeId, _client_id: &str, _image: Option<SessionImage>) {}
+    /// True when this backend keeps persistent sessions in a store: the engine then tells
+    /// it of every change to one ([`Cluster::store_session`]).
+    fn stores_sessions(&self) -> bool {
+        false
+    }
+    /// A change to persistent session `client_id`, which this worker owns since its claim
+    /// `epoch` (a store refuses changes from an older owner). A stored message counts as
+    /// forwarded: the acknowledgement of its PUBLISH waits for the store
+    /// ([`Cluster::unconfirmed_forwards`]).
+    fn store_session(&mut self, _client_id: &str, _epoch: u64, _op: StoreOp) {}
     /// Stops (`hold`) or resumes taking messages from `peer`: a destination here is behind,
     /// so the peer's queue for this worker grows and it pauses its own publishers.
     fn hold_peer(&mut self, _peer: NodeId, _hold: bool) {}

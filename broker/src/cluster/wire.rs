@@ -232,12 +232,14 @@ fn put_session(out: &mut BytesMut, s: &SessionImage, now: Instant) {
         out.put_u32_le(o.subscription_id.unwrap_or(0));
     }
     out.put_u32_le(s.queue.len() as u32);
-    for QueuedImage { msg, delivery } in &s.queue {
+    for QueuedImage { seq, msg, delivery } in &s.queue {
+        out.put_u64_le(*seq);
         put_delivery(out, delivery);
         put_sized_message(out, msg, now);
     }
     out.put_u32_le(s.inflight.len() as u32);
     for m in &s.inflight {
+        out.put_u64_le(m.seq);
         out.put_u16_le(m.pkid);
         out.put_u8(u8::from(m.awaiting_comp));
         put_delivery(out, &m.delivery);
@@ -364,18 +366,22 @@ impl Reader {
         }
         let mut queue = Vec::new();
         for _ in 0..self.u32()? {
+            let seq = self.u64()?;
             let d = self.delivery()?;
             queue.push(QueuedImage {
+                seq,
                 msg: self.sized_message(now)?,
                 delivery: d,
             });
         }
         let mut inflight = Vec::new();
         for _ in 0..self.u32()? {
+            let seq = self.u64()?;
             let pkid = self.u16()?;
             let comp = self.u8()? == 1;
             let d = self.delivery()?;
             inflight.push(InflightImage {
+                seq,
                 pkid,
                 awaiting_comp: comp,
                 msg: self.sized_message(now)?,

@@ -213,7 +213,7 @@ pub(super) fn over_budget(budget: usize, conn: &Conn, session: &Session, msg: &M
 
 /// What a connection holds that grows with traffic: unwritten output and its messages.
 pub(super) fn held_by(conn: &Conn, session: &Session) -> usize {
-    conn.out.len() + session.held_bytes
+    conn.out.len() + session.held_bytes()
 }
 
 /// Ticks in a row a connection may be found over its budget before it is cut off.

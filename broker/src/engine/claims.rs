@@ -54,6 +54,10 @@ pub(super) struct ParkedConnect {
     /// The newest release of this id seen while parked: applied once it is accepted, if
     /// newer than its own claim.
     released: Option<Release>,
+    /// The session as the store has it: used if the previous owner does not answer.
+    stored: Option<Box<SessionImage>>,
+    /// The owner on another host the session is expected from.
+    previous: Option<NodeId>,
 }
 
 impl Engine {
@@ -80,6 +84,8 @@ impl Engine {
             awaiting_session: false,
             barrier: None,
             released: None,
+            stored: None,
+            previous: None,
         });
     }
 
@@ -91,6 +97,7 @@ impl Engine {
         ticket: u64,
         epoch: u64,
         previous: Option<NodeId>,
+        stored: Option<Box<SessionImage>>,
         now: Instant,
     ) {
         let Some(i) = self.parked_connects.iter().position(|p| p.ticket == ticket) else {
@@ -99,10 +106,28 @@ impl Engine {
         let parked = &mut self.parked_connects[i];
         parked.epoch = Some(epoch);
         let lost = parked.released.is_some_and(|r| r.epoch > epoch);
-        if previous.is_some() && !parked.negotiated.clean_start && !lost {
+        let wants = !parked.negotiated.clean_start && !lost;
+        if wants && previous.is_some() {
+            // The previous owner has it (fresher than the store): wait for it, and fall
+            // back on the stored copy if it does not answer.
             parked.awaiting_session = true;
             parked.since = now;
+            parked.stored = stored;
+            parked.previous = previous;
             return;
+        }
+        let restore = stored.filter(|_| {
+            wants
+                && !self
+                    .client_ids
+                    .contains_key(parked.negotiated.client_id.as_str())
+        });
+        if let Some(image) = restore {
+            // Nobody has it in memory (this worker restarted, or its host): the store's
+            // copy is the session.
+            tracing::info!(client_id = %image.client_id, "session restored from the store");
+            parked.awaiting_session = true;
+            return self.session_received(*image, now);
         }
         let parked = self.parked_connects.swap_remove(i);
         self.finish_parked(parked, now);
@@ -185,6 +210,29 @@ impl Engine {
         }
     }
 
+    /// Worker `peer` is gone (its host died): CONNECTs waiting for a session from it take
+    /// the store's copy, or go on without one.
+    pub(super) fn owner_gone(&mut self, peer: NodeId, now: Instant) {
+        while let Some(i) = self
+            .parked_connects
+            .iter()
+            .position(|p| p.awaiting_session && p.previous == Some(peer))
+        {
+            self.parked_connects[i].previous = None;
+            match self.parked_connects[i].stored.take() {
+                Some(image) => {
+                    tracing::info!(client_id = %image.client_id, "previous owner gone: session restored from the store");
+                    self.parked_connects[i].since = now;
+                    self.session_received(*image, now);
+                }
+                None => {
+                    let parked = self.parked_connects.swap_remove(i);
+                    self.finish_parked(parked, now);
+                }
+            }
+        }
+    }
+
     /// A session sent by another host for a CONNECT parked here: its routes are
     /// announced as it is installed; the CONNACK waits until every worker has them.
     pub(super) fn session_received(&mut self, image: SessionImage, now: Instant) {
@@ -230,6 +278,13 @@ impl Engine {
             .iter()
             .position(|p| now >= p.since + CLAIM_DEADLINE)
         {
+            if let Some(image) = self.parked_connects[i].stored.take() {
+                // The previous owner did not answer (its host died): the store's copy.
+                tracing::info!(client_id = %image.client_id, "previous owner silent: session restored from the store");
+                self.parked_connects[i].since = now;
+                self.session_received(*image, now);
+                continue;
+            }
             let parked = self.parked_connects.swap_remove(i);
             tracing::warn!(
                 client_id = parked.negotiated.client_id,
@@ -261,8 +316,12 @@ impl Engine {
         self.conns[key].flow = FlowState::Reading;
         self.accept_connect(key, parked.negotiated, parked.will, now);
         if parked.epoch.is_some() {
+            // After attaching: a session a clean start discarded took its epoch along.
             self.claim_epochs
                 .insert(client_id.clone().into_boxed_str(), epoch);
+            if let Some(skey) = self.conns[key].session {
+                self.store_meta(skey, true, now);
+            }
         }
         match parked.released {
             Some(release) if release.epoch > epoch => self.released(&client_id, release, now),

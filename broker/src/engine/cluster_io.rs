@@ -21,7 +21,10 @@ impl Engine {
                 let retained = self.retained.all();
                 self.cluster.sync_peer(peer, &routes, &retained);
             }
-            ClusterEvent::PeerLeft(peer) => self.remove_peer(peer),
+            ClusterEvent::PeerLeft(peer) => {
+                self.remove_peer(peer);
+                self.owner_gone(peer, now);
+            }
             ClusterEvent::PeerReplaced(peer) => self.peer_replaced(peer),
             ClusterEvent::PeerSettled(peer) => self.peer_settled(peer),
             ClusterEvent::RouteAdded { from, route } => self.remote_route(from, route, true),
@@ -55,7 +58,8 @@ impl Engine {
                 ticket,
                 epoch,
                 previous,
-            } => self.claimed(ticket, epoch, previous, now),
+                stored,
+            } => self.claimed(ticket, epoch, previous, stored, now),
             ClusterEvent::Released {
                 client_id,
                 to,

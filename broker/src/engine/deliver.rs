@@ -57,7 +57,22 @@ impl Engine {
                 return;
             }
             if session.queue.is_empty() && session.inflight.len() < window_of(conn, window) {
-                start_inflight(conn, session, msg.clone(), delivery, now, &mut self.stats);
+                let seq = session.take_seq();
+                let sent = start_inflight(
+                    conn,
+                    session,
+                    seq,
+                    msg.clone(),
+                    delivery,
+                    now,
+                    &mut self.stats,
+                );
+                if let (Some(pkid), true) = (sent, self.store_sessions) {
+                    let m = self.sessions[skey].inflight.back();
+                    if let Some(delivery) = m.map(|m| m.delivery.clone()) {
+                        self.store_message(skey, seq, msg, &delivery, pkid, false);
+                    }
+                }
                 return;
             }
             // QoS 1/2 past the window queue. Behind, the session pauses its source (see
@@ -78,7 +93,9 @@ impl Engine {
             }
             return;
         }
+        let seq = session.take_seq();
         session.push_queued(Queued {
+            seq,
             msg: msg.clone(),
             delivery,
         });
@@ -91,6 +108,12 @@ impl Engine {
         if online && session.queue.len() >= mark {
             self.wait_for(source, Behind::Session(skey));
         }
+        if self.store_sessions {
+            if let Some(q) = self.sessions[skey].queue.back() {
+                let (m, d) = (q.msg.clone(), q.delivery.clone());
+                self.store_message(skey, seq, &m, &d, 0, false);
+            }
+        }
     }
 
     /// After (re)connecting: resend what is inflight (PUBLISH with DUP, or PUBREL), then
@@ -102,6 +125,7 @@ impl Engine {
         };
         let conn = &mut self.conns[ckey];
         let mut pos = 0;
+        let mut removed = Vec::new();
         while let Some(m) = session.inflight.get(pos) {
             let sent = match m.state {
                 InflightState::AwaitingAck => send_publish(
@@ -125,8 +149,13 @@ impl Engine {
                 // than the last one's): discarded as if sent (v5 §3.1.2.11.4), so it must
                 // leave the window too, or no acknowledgement would ever free its slot.
                 tracing::debug!(client_id = %session.client_id, pkid = m.pkid, "inflight message too large for the resumed connection: discarded");
-                session.remove_inflight(pos);
+                if let Some(m) = session.remove_inflight(pos) {
+                    removed.push(m.seq);
+                }
             }
+        }
+        for seq in removed {
+            self.store_removed(skey, seq);
         }
         self.pump_queue(skey, now);
     }
@@ -139,15 +168,45 @@ impl Engine {
         };
         let conn = &mut self.conns[ckey];
         let window = window_of(conn, self.config.limits.max_inflight);
+        // What moved, for the session store: (seq, packet id it was sent with, or None if
+        // it left the session). Allocates only when something moved and is stored.
+        let mut moved: Vec<(u32, Option<u16>)> = Vec::new();
+        let store = self.store_sessions && session.expiry_secs > 0;
         while session.inflight.len() < window {
             let Some(q) = session.pop_queued() else {
                 break;
             };
             if q.msg.is_expired(now) {
                 self.stats.dropped_expired += 1;
+                if store {
+                    moved.push((q.seq, None));
+                }
                 continue;
             }
-            start_inflight(conn, session, q.msg, q.delivery, now, &mut self.stats);
+            let sent = start_inflight(
+                conn,
+                session,
+                q.seq,
+                q.msg,
+                q.delivery,
+                now,
+                &mut self.stats,
+            );
+            if store {
+                moved.push((q.seq, sent));
+            }
+        }
+        for (seq, sent) in moved {
+            match sent {
+                Some(pkid) => {
+                    let inflight = &self.sessions[skey].inflight;
+                    let m = inflight.iter().rev().find(|m| m.seq == seq);
+                    if let Some((msg, delivery)) = m.map(|m| (m.msg.clone(), m.delivery.clone())) {
+                        self.store_message(skey, seq, &msg, &delivery, pkid, false);
+                    }
+                }
+                None => self.store_removed(skey, seq),
+            }
         }
         self.session_progressed(skey);
     }
@@ -175,7 +234,9 @@ impl Engine {
         let session = &mut self.sessions[skey];
         match session.inflight_position(pkid) {
             Some(pos) if session.inflight[pos].state == expected => {
-                session.remove_inflight(pos);
+                if let Some(m) = session.remove_inflight(pos) {
+                    self.store_removed(skey, m.seq);
+                }
                 self.pump_queue(skey, now);
             }
             _ => tracing::debug!(conn = key, pkid, "acknowledgement for an unknown packet id"),
@@ -195,12 +256,19 @@ impl Engine {
         match pos {
             Some(pos) if is_error_reason(&rec.reason) => {
                 // The receiver refused it: the exchange ends here (v5 §4.3.3).
-                session.remove_inflight(pos);
+                if let Some(m) = session.remove_inflight(pos) {
+                    self.store_removed(skey, m.seq);
+                }
                 self.pump_queue(skey, now);
             }
             Some(pos) => {
-                session.inflight[pos].state = InflightState::AwaitingComp;
+                let m = &mut session.inflight[pos];
+                m.state = InflightState::AwaitingComp;
                 conn.send(&pubrel(rec.pkid, PubRelReason::Success));
+                if self.store_sessions {
+                    let (seq, msg, delivery) = (m.seq, m.msg.clone(), m.delivery.clone());
+                    self.store_message(skey, seq, &msg, &delivery, rec.pkid, true);
+                }
             }
             None => conn.send(&pubrel(rec.pkid, PubRelReason::PacketIdentifierNotFound)),
         }
@@ -228,23 +296,29 @@ fn window_of(conn: &Conn, max_inflight: u16) -> usize {
 }
 
 /// Sends a new QoS 1/2 message with a fresh packet id and records it as inflight.
+/// Returns the packet id, or `None` if the message was discarded (too large for the
+/// client's Maximum Packet Size).
 fn start_inflight(
     conn: &mut Conn,
     session: &mut Session,
+    seq: u32,
     msg: Rc<Message>,
     delivery: Delivery,
     now: Instant,
     stats: &mut Stats,
-) {
+) -> Option<u16> {
     let pkid = session.next_pkid();
-    if send_publish(conn, &msg, &delivery, pkid, false, now, stats) {
-        session.push_inflight(Inflight {
-            pkid,
-            msg,
-            delivery,
-            state: InflightState::AwaitingAck,
-        });
+    if !send_publish(conn, &msg, &delivery, pkid, false, now, stats) {
+        return None;
     }
+    session.push_inflight(Inflight {
+        seq,
+        pkid,
+        msg,
+        delivery,
+        state: InflightState::AwaitingAck,
+    });
+    Some(pkid)
 }
 
 /// Encodes one PUBLISH of `msg` for this connection. Returns false if it was dropped

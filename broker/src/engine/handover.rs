@@ -72,6 +72,7 @@ impl Engine {
                 .queue
                 .into_iter()
                 .map(|q| QueuedImage {
+                    seq: u64::from(q.seq),
                     msg: (*q.msg).clone(),
                     delivery: q.delivery,
                 })
@@ -80,6 +81,7 @@ impl Engine {
                 .inflight
                 .into_iter()
                 .map(|m| InflightImage {
+                    seq: u64::from(m.seq),
                     pkid: m.pkid,
                     awaiting_comp: m.state == InflightState::AwaitingComp,
                     msg: (*m.msg).clone(),
@@ -111,11 +113,20 @@ impl Engine {
             .queue
             .into_iter()
             .map(|q| Queued {
+                // Numbered by a `Session` (32 bits) wherever it came from.
+                seq: q.seq as u32,
                 msg: Rc::new(q.msg),
                 delivery: q.delivery,
             })
             .collect();
         session.inflight = image.inflight.into_iter().map(inflight_from).collect();
+        session.next_seq = session
+            .queue
+            .iter()
+            .map(|q| q.seq)
+            .chain(session.inflight.iter().map(|m| m.seq))
+            .max()
+            .unwrap_or(0);
         if let Some(will) = image.will {
             session.will_at = Some(now + Duration::from_secs(u64::from(will.due_in)));
             session.will = Some(Box::new(Will {
@@ -142,12 +153,15 @@ impl Engine {
             return;
         }
         for q in image.queue {
+            session.next_seq = session.next_seq.max(q.seq as u32);
             session.push_queued(Queued {
+                seq: q.seq as u32,
                 msg: Rc::new(q.msg),
                 delivery: q.delivery,
             });
         }
         for m in image.inflight {
+            session.next_seq = session.next_seq.max(m.seq as u32);
             session.push_inflight(inflight_from(m));
         }
     }
@@ -199,6 +213,7 @@ impl Engine {
 
 fn inflight_from(m: InflightImage) -> Inflight {
     Inflight {
+        seq: m.seq as u32,
         pkid: m.pkid,
         msg: Rc::new(m.msg),
         delivery: m.delivery,

@@ -21,6 +21,7 @@ mod conn;
 mod connect;
 mod deliver;
 mod drivers;
+mod durable;
 mod flow;
 mod gauges;
 mod handover;
@@ -106,6 +107,8 @@ pub struct Engine {
     /// The claim epoch of each session claimed across hosts (empty unless the backend
     /// claims): a release from an older claim leaves a newer session alone.
     claim_epochs: AHashMap<Box<str>, u64>,
+    /// The backend keeps persistent sessions in a store (`durable.rs`).
+    store_sessions: bool,
     /// Routes each peer announced, so they can be dropped when it goes away.
     remote_routes: AHashMap<NodeId, std::collections::HashSet<Route>>,
     /// Routes a replaced peer's predecessor announced, kept until the replacement settles.
@@ -140,6 +143,7 @@ impl Engine {
         let workers = cluster.local_workers();
         let connect_limiter = rate::ConnectLimiter::new(connect_rate(&config, workers));
         let me = cluster.local_node();
+        let store_sessions = cluster.stores_sessions();
         Engine {
             config,
             conns: Slab::new(),
@@ -162,6 +166,7 @@ impl Engine {
             forwards_confirmed: 0,
             parked_connects: Vec::new(),
             claim_epochs: AHashMap::new(),
+            store_sessions,
             holding_acks: Vec::new(),
             worker_stats: Default::default(),
             remote_routes: AHashMap::new(),
@@ -596,6 +601,8 @@ impl Engine {
             session.expires_at =
                 Some(now + std::time::Duration::from_secs(session.expiry_secs as u64));
         }
+        self.store_meta(skey, false, now);
+        let session = &mut self.sessions[skey];
         if let Some(will) = &session.will {
             if will.delay_secs == 0 {
                 let will = session.will.take().map(|w| w.msg);
@@ -612,6 +619,7 @@ impl Engine {
     /// Removes a session and its subscriptions; a will still pending is published first
     /// (the session's end is one of the two moments a delayed will is due).
     fn discard_session(&mut self, skey: SessionKey, now: Instant) {
+        self.store_dropped(skey);
         self.caught_up(flow::Behind::Session(skey));
         let session = self.sessions.remove(skey);
         if self.client_ids.get(&session.client_id) == Some(&skey) {

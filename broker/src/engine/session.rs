@@ -25,6 +25,8 @@ pub enum InflightState {
 
 #[derive(Debug)]
 pub struct Inflight {
+    /// Its number in the session (see `Session::next_seq`).
+    pub seq: u32,
     pub pkid: u16,
     pub msg: Rc<Message>,
     pub delivery: Delivery,
@@ -41,6 +43,8 @@ impl Inflight {
 /// A message waiting for room in the inflight window or for the client to come back.
 #[derive(Debug)]
 pub struct Queued {
+    /// Its number in the session (see `Session::next_seq`).
+    pub seq: u32,
     pub msg: Rc<Message>,
     pub delivery: Delivery,
 }
@@ -80,13 +84,20 @@ pub struct Session {
     pub queue: VecDeque<Queued>,
     /// Bytes of the messages in `inflight` and `queue` (entries included), kept as they
     /// come and go so budget checks on the delivery path cost nothing.
-    pub held_bytes: usize,
+    /// 32 bits, wrapping (additions and removals stay consistent): the figure is exact up
+    /// to 4 GiB, far above any session the limits allow; it keeps `Session` at its size.
+    held_bytes: u32,
     next_pkid: u16,
     /// Sources are paused until this session catches up (see `flow.rs`); kept here so an
     /// acknowledgement needs no lookup in the waiters map to know whether to release any.
     pub waited_for: bool,
     /// Packet ids of incoming QoS 2 PUBLISHes awaiting PUBREL (their PUBREC was sent).
     pub incoming_qos2: Vec<u16>,
+    /// The number the last QoS 1/2 message entering the session got: it names the message
+    /// in a session store (`durable.rs`) until it is acknowledged. 32 bits (the session
+    /// stays within its size): it wraps after 4 billion messages, long after those
+    /// numbered before have left the session.
+    pub next_seq: u32,
 }
 
 impl Session {
@@ -105,7 +116,19 @@ impl Session {
             next_pkid: 0,
             waited_for: false,
             incoming_qos2: Vec::new(),
+            next_seq: 0,
         }
+    }
+
+    /// Bytes of the messages in `inflight` and `queue`, entries included.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes as usize
+    }
+
+    /// A number for a message entering the session.
+    pub fn take_seq(&mut self) -> u32 {
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.next_seq
     }
 
     /// A packet id not used by any inflight message (the window is far below 65535).
@@ -120,31 +143,32 @@ impl Session {
     }
 
     pub fn push_queued(&mut self, q: Queued) {
-        self.held_bytes += q.cost();
+        self.held_bytes = self.held_bytes.wrapping_add(q.cost() as u32);
         self.queue.push_back(q);
     }
 
     pub fn pop_queued(&mut self) -> Option<Queued> {
         let q = self.queue.pop_front()?;
-        self.held_bytes -= q.cost();
+        self.held_bytes = self.held_bytes.wrapping_sub(q.cost() as u32);
         Some(q)
     }
 
     pub fn push_inflight(&mut self, m: Inflight) {
-        self.held_bytes += m.cost();
+        self.held_bytes = self.held_bytes.wrapping_add(m.cost() as u32);
         self.inflight.push_back(m);
     }
 
     pub fn remove_inflight(&mut self, pos: usize) -> Option<Inflight> {
         let m = self.inflight.remove(pos)?;
-        self.held_bytes -= m.cost();
+        self.held_bytes = self.held_bytes.wrapping_sub(m.cost() as u32);
         Some(m)
     }
 
     /// Recomputes `held_bytes` after `inflight` or `queue` were replaced wholesale.
     pub fn recount_held(&mut self) {
-        self.held_bytes = self.inflight.iter().map(Inflight::cost).sum::<usize>()
+        let held = self.inflight.iter().map(Inflight::cost).sum::<usize>()
             + self.queue.iter().map(Queued::cost).sum::<usize>();
+        self.held_bytes = held as u32;
     }
 
     pub fn inflight_position(&self, pkid: u16) -> Option<usize> {

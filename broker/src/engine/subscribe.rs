@@ -94,6 +94,7 @@ impl Engine {
         for g in granted.iter_mut() {
             new_route |= self.activate(skey, g);
         }
+        self.store_meta(skey, true, now);
         let suback = Packet::SubAck(SubAck {
             pkid: s.pkid,
             return_codes: codes,
@@ -320,6 +321,7 @@ impl Engine {
                 UnsubAckReason::NoSubscriptionExisted
             });
         }
+        self.store_meta(skey, true, now);
         self.conns[key].send(&Packet::UnsubAck(UnsubAck {
             pkid: u.pkid,
             reasons,

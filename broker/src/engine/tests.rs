@@ -378,3 +378,7 @@ fn each_driver_has_its_own_dirty_list_and_handoffs() {
     assert_eq!(engine.driver_connections(tcp), 0);
     assert_eq!(engine.connection_count(), 1);
 }
+#[test]
+fn print_session_size() {
+    eprintln!("SESSION {}", std::mem::size_of::<super::Session>());
+}

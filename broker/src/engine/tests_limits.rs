@@ -97,7 +97,7 @@ fn footprint_moves_exactly_with_subscribe_queue_and_drain() {
         + session.queue.capacity() * size_of::<Queued>()
         + 3 * one_message;
     assert_eq!(
-        session.held_bytes,
+        session.held_bytes(),
         size_of::<Inflight>() + 2 * size_of::<Queued>() + 3 * one_message
     );
     let fp = h.engine.footprint(sub).unwrap();
@@ -112,7 +112,7 @@ fn footprint_moves_exactly_with_subscribe_queue_and_drain() {
         puback(&mut h, sub, pkid);
     }
     h.received(sub);
-    assert_eq!(session_of(&h, sub).held_bytes, 0);
+    assert_eq!(session_of(&h, sub).held_bytes(), 0);
     let fp = h.engine.footprint(sub).unwrap();
     assert_eq!(fp.buffers, 0);
     // The deques keep their capacity until the next tick finds them idle.
@@ -188,7 +188,7 @@ fn slow_qos1_consumer_is_disconnected_and_its_messages_wait_in_the_session() {
     // Over its budget (two inflight, the rest queued). The first tick sees it took its
     // two messages (progress); the next finds it over budget with no progress, a grace
     // period for a burst; the third, still none: it is cut off.
-    assert!(session_of(&h, sub).held_bytes > 2048);
+    assert!(session_of(&h, sub).held_bytes() > 2048);
     h.advance(1);
     assert!(!h.engine.is_closing(sub));
     h.advance(1);

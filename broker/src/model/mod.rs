@@ -12,5 +12,7 @@ mod stats;
 pub use message::{Delivery, Message, SessionKey};
 pub use node::NodeId;
 pub use route::{Route, SharedTarget};
-pub use session_image::{InflightImage, QueuedImage, SessionImage, SubscriptionImage, WillImage};
+pub use session_image::{
+    InflightImage, QueuedImage, SessionImage, StoreOp, SubscriptionImage, WillImage,
+};
 pub use stats::{StoreStats, WorkerStats, ROUND_TRIP_MICROS_BUCKETS};

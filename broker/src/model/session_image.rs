@@ -40,15 +40,33 @@ pub struct SubscriptionImage {
 
 #[derive(Debug, Clone)]
 pub struct QueuedImage {
+    /// The message's number in its session (names it in a session store).
+    pub seq: u64,
     pub msg: Message,
     pub delivery: Delivery,
 }
 
 #[derive(Debug, Clone)]
 pub struct InflightImage {
+    /// The message's number in its session (names it in a session store).
+    pub seq: u64,
     pub pkid: u16,
     /// PUBREC received and PUBREL sent: waiting for PUBCOMP rather than PUBACK/PUBREC.
     pub awaiting_comp: bool,
     pub msg: Message,
     pub delivery: Delivery,
+}
+
+/// A change to a persistent session, for a backend that keeps sessions in a store.
+#[derive(Debug)]
+pub enum StoreOp {
+    /// Everything but its messages (`queue` and `inflight` empty). `online`: its expiry
+    /// does not run; offline, the store forgets it after `expiry_secs`.
+    Meta { image: SessionImage, online: bool },
+    /// A QoS 1/2 message entered the session, or moved on in it: `pkid` 0 = queued.
+    Message(InflightImage),
+    /// Message `seq` left the session (acknowledged, expired or discarded).
+    Remove(u64),
+    /// The session ended.
+    Drop,
 }

@@ -12,6 +12,7 @@
 //! | `P:log`               | stream | route, retained and membership changes, in order      |
 //! | `P:retained`          | hash   | topic → retained message (an encoded frame)           |
 //! | `P:owner:{client id}` | hash   | `owner` (`host.slot`) and `epoch` of a client id       |
+//! | `P:session:{client id}` | hash | a persistent session: `meta`, and `m<seq>` per message  |
 
 use crate::model::NodeId;
 
@@ -43,6 +44,12 @@ impl Keys {
 
     pub fn owner(&self, client_id: &str) -> String {
         format!("{}:owner:{{{client_id}}}", self.prefix)
+    }
+
+    /// Same hash tag as [`Keys::owner`]: a script may check the owner and write the
+    /// session at once, on a Redis Cluster too.
+    pub fn session(&self, client_id: &str) -> String {
+        format!("{}:session:{{{client_id}}}", self.prefix)
     }
 
     pub fn inbox(&self, node: NodeId) -> String {

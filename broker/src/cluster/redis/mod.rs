@@ -46,7 +46,9 @@ use super::{
     LocalFuture, Standalone, WorkerIdentity,
 };
 use crate::config::Config;
-use crate::model::{Message, NodeId, Route, SessionImage, SharedTarget, StoreStats, WorkerStats};
+use crate::model::{
+    Message, NodeId, Route, SessionImage, SharedTarget, StoreOp, StoreStats, WorkerStats,
+};
 use crate::protocol::QoS;
 
 /// How long a draining worker waits for its inbox reader to stop, and then for what it
@@ -199,6 +201,22 @@ impl Cluster for RedisCluster {
             want_session,
         });
         Some(ticket)
+    }
+
+    fn stores_sessions(&self) -> bool {
+        true
+    }
+
+    /// Queued for the writer's next pipeline (one script call per session); a stored
+    /// message holds its publisher's acknowledgement until Redis has it.
+    fn store_session(&mut self, client_id: &str, epoch: u64, op: StoreOp) {
+        let mut s = self.shared.borrow_mut();
+        s.forwarded_unconfirmed |= matches!(op, StoreOp::Message(_));
+        s.change(Change::Store {
+            client_id: client_id.to_string(),
+            epoch,
+            op: Box::new(op),
+        });
     }
 
     /// Through the new owner's inbox, in frames of bounded size, then `HandoverEnd`

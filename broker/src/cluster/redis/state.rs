@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 use super::keys::Keys;
 use crate::cluster::{ClusterEvent, ClusterInbox};
 use crate::config::RedisConfig;
-use crate::model::{NodeId, Route, StoreStats};
+use crate::model::{NodeId, Route, StoreOp, StoreStats};
 
 /// Bytes queued for another host beyond which it is behind: publishers whose messages go
 /// there pause until it is under `CAUGHT_UP` again (as for a mesh peer).
@@ -40,6 +40,13 @@ pub(super) enum Change {
     },
     /// This worker is new to the cluster (or was reaped while unreachable).
     Join,
+    /// A change to a persistent session (see `writer::STORE`).
+    Store {
+        client_id: String,
+        epoch: u64,
+        /// Boxed: a session image is large, and most changes are not.
+        op: Box<StoreOp>,
+    },
     /// Claim a client id for this worker (see `writer::CLAIM`).
     Claim {
         ticket: u64,

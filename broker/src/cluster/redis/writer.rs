@@ -13,17 +13,37 @@ use super::super::wire::{self, Frame};
 use super::conn::Conn;
 use super::keys::{self, Keys};
 use super::state::{Change, Shared, CAUGHT_UP, INBOX_BEHIND, INBOX_CAUGHT_UP};
-use crate::model::NodeId;
+use crate::model::{NodeId, SessionImage, StoreOp};
 
 /// How often a destination whose inbox is backlogged is looked at again.
 const BACKLOG_POLL: Duration = Duration::from_millis(20);
 
 /// Claims a client id for a worker, atomically: the owner is replaced and the epoch (a
-/// fencing token) incremented; returns the new epoch and the previous owner, if any.
+/// fencing token) incremented; returns the new epoch, the previous owner (if any) and,
+/// when the session is wanted, the stored session (else it is deleted: a clean start).
+/// KEYS: owner, session. ARGV: the claimant, "1" if it wants the session.
 const CLAIM: &str = "local prev = redis.call('HGET', KEYS[1], 'owner') \
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1) \
 redis.call('HSET', KEYS[1], 'owner', ARGV[1]) \
+if ARGV[2] == '1' then return {epoch, prev, redis.call('HGETALL', KEYS[2])} end \
+redis.call('DEL', KEYS[2]) \
 return {epoch, prev}";
+
+/// Applies changes to a stored session, only if the writer still owns the client id (its
+/// epoch is the latest): a worker that lost the id can never overwrite the new owner's
+/// session. KEYS: owner, session. ARGV: epoch, then (op, field, value) triples: s = set
+/// field, d = delete field, x = delete the session, t = expire in value ms (0: never).
+const STORE: &str = "if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 0 end \
+for i = 2, #ARGV, 3 do \
+  local op, f, v = ARGV[i], ARGV[i + 1], ARGV[i + 2] \
+  if op == 's' then redis.call('HSET', KEYS[2], f, v) \
+  elseif op == 'd' then redis.call('HDEL', KEYS[2], f) \
+  elseif op == 'x' then redis.call('DEL', KEYS[2]) \
+  elseif op == 't' then \
+    if v == '0' then redis.call('PERSIST', KEYS[2]) else redis.call('PEXPIRE', KEYS[2], v) end \
+  end \
+end \
+return 1";
 
 /// What a command's reply is for, beyond success.
 enum After {
@@ -84,6 +104,7 @@ fn take_batch(s: &mut Shared) -> Option<Batch> {
     };
     let length = s.cfg.log_length;
     let me = s.me;
+    let mut stores: ahash::AHashMap<String, usize> = ahash::AHashMap::new();
     while let Some(change) = s.changes.pop_front() {
         let routes_key = s.keys.routes(me);
         match change {
@@ -155,6 +176,28 @@ fn take_batch(s: &mut Shared) -> Option<Batch> {
                     .cmds
                     .push(log_entry(&s.keys, length, &s.me_name, "bar", &id));
             }
+            Change::Store {
+                client_id,
+                epoch,
+                op,
+            } => {
+                // One script call per session per pipeline, however many changes.
+                let at = match stores.get(&client_id) {
+                    Some(&at) => at,
+                    None => {
+                        let mut cmd = redis::cmd("EVAL");
+                        cmd.arg(STORE)
+                            .arg(2)
+                            .arg(s.keys.owner(&client_id))
+                            .arg(s.keys.session(&client_id))
+                            .arg(epoch);
+                        batch.cmds.push(cmd);
+                        stores.insert(client_id, batch.cmds.len() - 1);
+                        batch.cmds.len() - 1
+                    }
+                };
+                store_args(&mut batch.cmds[at], *op);
+            }
             Change::Claim {
                 ticket,
                 client_id,
@@ -162,9 +205,11 @@ fn take_batch(s: &mut Shared) -> Option<Batch> {
             } => {
                 let mut cmd = redis::cmd("EVAL");
                 cmd.arg(CLAIM)
-                    .arg(1)
+                    .arg(2)
                     .arg(s.keys.owner(&client_id))
-                    .arg(&s.me_name);
+                    .arg(s.keys.session(&client_id))
+                    .arg(&s.me_name)
+                    .arg(if want_session { "1" } else { "0" });
                 batch.cmds.push(cmd);
                 batch
                     .after
@@ -204,6 +249,84 @@ fn take_batch(s: &mut Shared) -> Option<Batch> {
         return None;
     }
     Some(batch)
+}
+
+/// Appends one session change to a `STORE` call.
+fn store_args(cmd: &mut Cmd, op: StoreOp) {
+    let now = std::time::Instant::now();
+    let mut frame = BytesMut::new();
+    match op {
+        StoreOp::Meta { image, online } => {
+            let ttl_ms = match (online, image.expiry_secs) {
+                (true, _) | (false, u32::MAX) => 0,
+                (false, secs) => u64::from(secs.max(1)) * 1000,
+            };
+            wire::encode(&mut frame, &Frame::Session(Box::new(image)), now);
+            cmd.arg("s").arg("meta").arg(&frame[..]);
+            cmd.arg("t").arg("").arg(ttl_ms);
+        }
+        StoreOp::Message(entry) => {
+            let field = format!("m{}", entry.seq);
+            let image = SessionImage {
+                client_id: String::new(),
+                expiry_secs: 0,
+                expires_in: None,
+                subscriptions: Vec::new(),
+                queue: Vec::new(),
+                inflight: vec![entry],
+                incoming_qos2: Vec::new(),
+                will: None,
+            };
+            wire::encode(&mut frame, &Frame::SessionMore(Box::new(image)), now);
+            cmd.arg("s").arg(field).arg(&frame[..]);
+        }
+        StoreOp::Remove(seq) => {
+            cmd.arg("d").arg(format!("m{seq}")).arg("");
+        }
+        StoreOp::Drop => {
+            cmd.arg("x").arg("").arg("");
+        }
+    }
+}
+
+/// A session as the store has it (the reply of `HGETALL P:session:{id}`): `None` if there
+/// is none.
+fn stored_session(reply: &Value) -> Option<SessionImage> {
+    let now = std::time::Instant::now();
+    let items: Vec<&[u8]> = match reply {
+        Value::Array(items) => items
+            .iter()
+            .filter_map(|v| match v {
+                Value::BulkString(b) => Some(&b[..]),
+                _ => None,
+            })
+            .collect(),
+        _ => return None,
+    };
+    let mut image = None;
+    let mut entries = Vec::new();
+    for pair in items.chunks(2) {
+        let [field, value] = pair else { continue };
+        match wire::decode(&mut BytesMut::from(*value), now) {
+            Ok(Some(Frame::Session(meta))) if *field == b"meta" => image = Some(*meta),
+            Ok(Some(Frame::SessionMore(more))) => entries.extend(more.inflight),
+            _ => {}
+        }
+    }
+    let mut image = image?;
+    entries.sort_by_key(|e| e.seq);
+    for e in entries {
+        if e.pkid == 0 {
+            image.queue.push(crate::model::QueuedImage {
+                seq: e.seq,
+                msg: e.msg,
+                delivery: e.delivery,
+            });
+        } else {
+            image.inflight.push(e);
+        }
+    }
+    Some(image)
 }
 
 /// Splits off the first frames of `buf`, at most `limit` bytes of them (at least one
@@ -291,7 +414,7 @@ fn written(s: &mut Shared, batch: &Batch, replies: &[Value], rtt: Duration) {
 /// A claim's reply: the previous owner, if on another host, is told to let go (and to
 /// send the session if the new connection resumes it); the parked CONNECT goes on.
 fn claimed(s: &mut Shared, ticket: u64, client_id: &str, want_session: bool, reply: &Value) {
-    let (epoch, previous) = match reply {
+    let (epoch, previous, stored) = match reply {
         Value::Array(items) => (
             match items.first() {
                 Some(Value::Int(e)) => *e as u64,
@@ -301,11 +424,14 @@ fn claimed(s: &mut Shared, ticket: u64, client_id: &str, want_session: bool, rep
                 Some(Value::BulkString(name)) => keys::parse_name(name),
                 _ => None,
             },
+            items.get(2).and_then(stored_session).map(Box::new),
         ),
-        _ => (0, None),
+        _ => (0, None, None),
     };
-    // This host's own workers settle a client id among themselves (its home worker).
-    let previous = previous.filter(|p| p.host != s.me.host);
+    // This host's own workers settle a client id among themselves (its home worker); a
+    // previous owner no longer registered (its host died) sends nothing: the stored copy
+    // is the session.
+    let previous = previous.filter(|p| p.host != s.me.host && s.members.contains(p));
     if let Some(owner) = previous {
         let outbox = s.outboxes.entry(owner).or_default();
         let release = Frame::Release {
@@ -320,6 +446,7 @@ fn claimed(s: &mut Shared, ticket: u64, client_id: &str, want_session: bool, rep
         ticket,
         epoch,
         previous,
+        stored,
     });
 }
 
