@@ -417,3 +417,44 @@ async fn a_persistent_session_survives_kill_9_of_its_host_and_of_every_broker() 
     let c = host(&redis, &[]);
     expect_session_with(&c, "dur-host", 30).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_hosts_wills_fire_once_on_a_survivor() {
+    let redis = RedisServer::start();
+    let mut a = host(&redis, &[]);
+    let b = host(&redis, &[]);
+    let c = host(&redis, &[]);
+    let mut watchers = Vec::new();
+    for (broker, id) in [(&b, "will-watch-b"), (&c, "will-watch-c")] {
+        let mut w = v5::connect(v5::opts(broker, id)).await;
+        w.subscribe("will/#", v5::QoS::AtLeastOnce).await;
+        watchers.push(w);
+    }
+    // Online on a with a will, when a dies whole: b and c survive, one of them adopts the
+    // session and fires the will, which both watchers get exactly once.
+    let mut o = v5::persistent(&a, "will-client", 300);
+    o.set_last_will(v5::LastWill::new(
+        "will/gone",
+        "bye",
+        v5::QoS::AtLeastOnce,
+        false,
+        None,
+    ));
+    let client = v5::connect(o).await;
+    kill_host(&mut a);
+    for w in watchers.iter_mut() {
+        let p = w.next_publish().await;
+        assert_eq!(payload_str(&p.topic), "will/gone");
+        assert_eq!(payload_str(&p.payload), "bye");
+        assert!(
+            w.next_publish_within(Duration::from_secs(2))
+                .await
+                .is_none(),
+            "the will fired twice"
+        );
+    }
+    drop(client);
+    // The session itself lives on: the client finds it through any host.
+    let back = v5::connect(v5::persistent(&c, "will-client", 300)).await;
+    assert!(back.connack.session_present);
+}

@@ -82,6 +82,12 @@ pub enum ClusterEvent {
         send_session: bool,
         epoch: u64,
     },
+    /// A session of a dead worker that this worker now owns (claimed at `epoch`): its
+    /// will and expiry run here.
+    SessionAdopted {
+        image: Box<SessionImage>,
+        epoch: u64,
+    },
     /// The previous owner of a claimed client id had no session for it.
     SessionAbsent(String),
     /// A persistent session handed over by this slot's previous process, or by the

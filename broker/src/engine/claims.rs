@@ -133,8 +133,9 @@ impl Engine {
         self.finish_parked(parked, now);
     }
 
-    /// A session (or the news that there is none) arrived from the host that owned
-    /// `client_id`: the CONNECT waiting for it goes on.
+    /// A session (or the news that there is none) arrived from the worker that owned
+    /// `client_id`: the CONNECT waiting for it goes on (with the store's copy, if the
+    /// owner had none in memory: it restarted since).
     pub(super) fn session_arrived(&mut self, client_id: &str, now: Instant) {
         let Some(i) = self
             .parked_connects
@@ -143,8 +144,38 @@ impl Engine {
         else {
             return;
         };
+        if !self.client_ids.contains_key(client_id) {
+            if let Some(image) = self.parked_connects[i].stored.take() {
+                self.parked_connects[i].previous = None;
+                return self.session_received(*image, now);
+            }
+        }
         let parked = self.parked_connects.swap_remove(i);
         self.finish_parked(parked, now);
+    }
+
+    /// A session of a dead host's worker that this worker adopted (the store's copy, now
+    /// owned here at `epoch`): offline, it collects messages, expires and fires its will
+    /// here, until its client comes back.
+    pub(super) fn session_adopted(&mut self, image: SessionImage, epoch: u64, now: Instant) {
+        let client_id = image.client_id.clone();
+        if self.client_ids.contains_key(client_id.as_str()) {
+            return;
+        }
+        let expiry = image.expiry_secs;
+        self.import_session(image, now);
+        let Some(&skey) = self.client_ids.get(client_id.as_str()) else {
+            return;
+        };
+        self.claim_epochs
+            .insert(client_id.clone().into_boxed_str(), epoch);
+        let session = &mut self.sessions[skey];
+        if session.expires_at.is_none() && expiry != u32::MAX {
+            // It was online when its host died: its expiry starts now.
+            session.expires_at = Some(now + Duration::from_secs(u64::from(expiry)));
+        }
+        tracing::info!(client_id, "adopted a dead host's session");
+        self.store_meta(skey, false, now);
     }
 
     /// Another host claimed `client_id`: unless this worker claimed it later, its

@@ -75,6 +75,9 @@ impl Engine {
                 now,
             ),
             ClusterEvent::SessionAbsent(client_id) => self.session_arrived(&client_id, now),
+            ClusterEvent::SessionAdopted { image, epoch } => {
+                self.session_adopted(*image, epoch, now)
+            }
             ClusterEvent::SessionContinued(image) => self.continue_session(*image),
         }
     }

@@ -8,12 +8,15 @@
 //! (`Message`, named by its number in the session, updated when it is sent and when its
 //! PUBREC arrives; `Remove`). A message stored for a session counts as forwarded: its
 //! publisher's PUBACK/PUBREC waits until the store has it. Sessions that end with their
-//! connection (expiry 0) cost nothing. Wills are not stored.
+//! connection (expiry 0) cost nothing. The will goes with the meta: when a host dies, a
+//! survivor adopts its stored sessions and fires their wills (once: one survivor adopts).
 
 use std::time::Instant;
 
 use super::Engine;
-use crate::model::{Delivery, InflightImage, Message, SessionImage, SessionKey, StoreOp};
+use crate::model::{
+    Delivery, InflightImage, Message, SessionImage, SessionKey, StoreOp, WillImage,
+};
 
 impl Engine {
     /// The store's name and owner epoch for session `skey`, if it is kept there.
@@ -92,7 +95,16 @@ impl Engine {
             queue: Vec::new(),
             inflight: Vec::new(),
             incoming_qos2: s.incoming_qos2.clone(),
-            will: None,
+            // Online, the will as it would be due if the connection died now; offline,
+            // a delayed will still waiting. A survivor that adopts the session of a dead
+            // host fires it (see the Redis backend's reaper).
+            will: s.will.as_ref().map(|w| WillImage {
+                msg: w.msg.clone(),
+                delay_secs: w.delay_secs,
+                due_in: s.will_at.map_or(w.delay_secs, |at| {
+                    at.saturating_duration_since(now).as_secs() as u32
+                }),
+            }),
         };
         self.send_store(skey, StoreOp::Meta { image, online });
     }

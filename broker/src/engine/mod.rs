@@ -601,8 +601,6 @@ impl Engine {
             session.expires_at =
                 Some(now + std::time::Duration::from_secs(session.expiry_secs as u64));
         }
-        self.store_meta(skey, false, now);
-        let session = &mut self.sessions[skey];
         if let Some(will) = &session.will {
             if will.delay_secs == 0 {
                 let will = session.will.take().map(|w| w.msg);
@@ -614,6 +612,7 @@ impl Engine {
                     Some(now + std::time::Duration::from_secs(will.delay_secs as u64));
             }
         }
+        self.store_meta(skey, false, now);
     }
 
     /// Removes a session and its subscriptions; a will still pending is published first

@@ -9,6 +9,7 @@
 //! | `P:{h.s}:alive`       | string | the worker's pid; expires unless refreshed (liveness)  |
 //! | `P:{h.s}:routes`      | set    | the worker's routes (encoded mesh `RouteAdd` frames)  |
 //! | `P:{h.s}:in`          | stream | messages for the worker, a batch of frames an entry   |
+//! | `P:{h.s}:sessions`    | set    | client ids of the stored sessions the worker owns     |
 //! | `P:log`               | stream | route, retained and membership changes, in order      |
 //! | `P:retained`          | hash   | topic → retained message (an encoded frame)           |
 //! | `P:owner:{client id}` | hash   | `owner` (`host.slot`) and `epoch` of a client id       |
@@ -50,6 +51,10 @@ impl Keys {
     /// session at once, on a Redis Cluster too.
     pub fn session(&self, client_id: &str) -> String {
         format!("{}:session:{{{client_id}}}", self.prefix)
+    }
+
+    pub fn sessions(&self, node: NodeId) -> String {
+        format!("{}:{{{}}}:sessions", self.prefix, name(node))
     }
 
     pub fn inbox(&self, node: NodeId) -> String {

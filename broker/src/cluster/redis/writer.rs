@@ -29,6 +29,14 @@ if ARGV[2] == '1' then return {epoch, prev, redis.call('HGETALL', KEYS[2])} end 
 redis.call('DEL', KEYS[2]) \
 return {epoch, prev}";
 
+/// Takes over a dead worker's session: only if the dead worker still owns it (a client
+/// that reconnected elsewhere meanwhile took it already). KEYS: owner, session. ARGV: the
+/// dead worker, the adopter. Returns the new epoch and the stored session, or nil.
+const ADOPT: &str = "if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return false end \
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1) \
+redis.call('HSET', KEYS[1], 'owner', ARGV[2]) \
+return {epoch, redis.call('HGETALL', KEYS[2])}";
+
 /// Applies changes to a stored session, only if the writer still owns the client id (its
 /// epoch is the latest): a worker that lost the id can never overwrite the new owner's
 /// session. KEYS: owner, session. ARGV: epoch, then (op, field, value) triples: s = set
@@ -192,10 +200,27 @@ fn take_batch(s: &mut Shared) -> Option<Batch> {
                             .arg(s.keys.session(&client_id))
                             .arg(epoch);
                         batch.cmds.push(cmd);
-                        stores.insert(client_id, batch.cmds.len() - 1);
+                        stores.insert(client_id.clone(), batch.cmds.len() - 1);
                         batch.cmds.len() - 1
                     }
                 };
+                // The worker's index of its stored sessions, for a survivor to adopt them
+                // if it dies.
+                match &*op {
+                    StoreOp::Meta { .. } => batch.cmds.push(
+                        redis::cmd("SADD")
+                            .arg(s.keys.sessions(me))
+                            .arg(&client_id)
+                            .clone(),
+                    ),
+                    StoreOp::Drop => batch.cmds.push(
+                        redis::cmd("SREM")
+                            .arg(s.keys.sessions(me))
+                            .arg(&client_id)
+                            .clone(),
+                    ),
+                    _ => {}
+                }
                 store_args(&mut batch.cmds[at], *op);
             }
             Change::Claim {
@@ -428,10 +453,11 @@ fn claimed(s: &mut Shared, ticket: u64, client_id: &str, want_session: bool, rep
         ),
         _ => (0, None, None),
     };
-    // This host's own workers settle a client id among themselves (its home worker); a
-    // previous owner no longer registered (its host died) sends nothing: the stored copy
-    // is the session.
-    let previous = previous.filter(|p| p.host != s.me.host && s.members.contains(p));
+    // A previous owner is told to let go: on this host too (a session adopted from a dead
+    // host lives on whichever worker adopted it). One no longer registered (its host
+    // died) sends nothing: the stored copy is the session.
+    let previous =
+        previous.filter(|&p| p != s.me && (p.host == s.me.host || s.members.contains(&p)));
     if let Some(owner) = previous {
         let outbox = s.outboxes.entry(owner).or_default();
         let release = Frame::Release {
@@ -537,7 +563,7 @@ pub(super) async fn heartbeat(shared: Rc<RefCell<Shared>>) {
                 .collect(),
             _ => Vec::new(),
         };
-        if let Err(e) = reap(&mut conn, &keys, &cfg, &me_name, &nodes).await {
+        if let Err(e) = reap(&mut conn, &shared, &nodes).await {
             shared.borrow_mut().mark_down("reaper", &e);
         }
     }
@@ -545,11 +571,14 @@ pub(super) async fn heartbeat(shared: Rc<RefCell<Shared>>) {
 
 async fn reap(
     conn: &mut Conn,
-    keys: &Keys,
-    cfg: &crate::config::RedisConfig,
-    me_name: &str,
+    shared: &Rc<RefCell<Shared>>,
     nodes: &[NodeId],
 ) -> redis::RedisResult<()> {
+    let (keys, log_length, me, me_name) = {
+        let s = shared.borrow();
+        (s.keys.clone(), s.cfg.log_length, s.me, s.me_name.clone())
+    };
+    let keys = &keys;
     if nodes.is_empty() {
         return Ok(());
     }
@@ -573,9 +602,78 @@ async fn reap(
         let gone = [
             redis::cmd("DEL").arg(keys.routes(node)).clone(),
             redis::cmd("DEL").arg(keys.inbox(node)).clone(),
-            log_entry(keys, cfg.log_length, &name, "gone", me_name.as_bytes()),
+            log_entry(keys, log_length, &name, "gone", me_name.as_bytes()),
+            redis::cmd("SMEMBERS").arg(keys.sessions(node)).clone(),
         ];
-        conn.run(&gone).await?;
+        let (replies, _) = conn.run(&gone).await?;
+        let orphans: Vec<String> = match replies.last() {
+            Some(Value::Array(ids)) | Some(Value::Set(ids)) => ids
+                .iter()
+                .filter_map(|v| match v {
+                    Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        adopt(conn, shared, node, me, &me_name, &orphans).await?;
+        conn.query::<i64>(redis::cmd("DEL").arg(keys.sessions(node)))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Takes over the stored sessions of dead worker `dead`: this worker's engine gets them
+/// (offline: their wills and expiry run here, their subscriptions collect messages).
+async fn adopt(
+    conn: &mut Conn,
+    shared: &Rc<RefCell<Shared>>,
+    dead: NodeId,
+    me: NodeId,
+    me_name: &str,
+    client_ids: &[String],
+) -> redis::RedisResult<()> {
+    if client_ids.is_empty() {
+        return Ok(());
+    }
+    let keys = shared.borrow().keys.clone();
+    let dead_name = keys::name(dead);
+    let cmds: Vec<Cmd> = client_ids
+        .iter()
+        .map(|id| {
+            redis::cmd("EVAL")
+                .arg(ADOPT)
+                .arg(2)
+                .arg(keys.owner(id))
+                .arg(keys.session(id))
+                .arg(&dead_name)
+                .arg(me_name)
+                .clone()
+        })
+        .collect();
+    let (replies, _) = conn.run(&cmds).await?;
+    let mut adopted = Vec::new();
+    for (id, reply) in client_ids.iter().zip(replies) {
+        let Value::Array(items) = reply else { continue };
+        let epoch = match items.first() {
+            Some(Value::Int(e)) => *e as u64,
+            _ => continue,
+        };
+        if let Some(image) = items.get(1).and_then(stored_session) {
+            adopted.push(id.clone());
+            shared
+                .borrow()
+                .outer
+                .push(crate::cluster::ClusterEvent::SessionAdopted {
+                    image: Box::new(image),
+                    epoch,
+                });
+        }
+    }
+    if !adopted.is_empty() {
+        tracing::info!(worker = %dead_name, sessions = adopted.len(), "adopted a dead worker's sessions");
+        conn.query::<i64>(redis::cmd("SADD").arg(keys.sessions(me)).arg(&adopted))
+            .await?;
     }
     Ok(())
 }
