@@ -43,10 +43,17 @@ pub(super) async fn run(shared: Rc<RefCell<Shared>>) {
         let mut conn = super::writer::open(&shared, &cfg, "follower").await;
         let log = shared.borrow().keys.log.clone();
         let resumable = match &last {
-            Some(id) => conn
+            Some(id) => match conn
                 .query::<StreamRangeReply>(redis::cmd("XRANGE").arg(&log).arg(id).arg(id))
                 .await
-                .is_ok_and(|r| !r.ids.is_empty()),
+            {
+                Ok(r) => !r.ids.is_empty(),
+                Err(e) => {
+                    // Not an answer: the log may well still have it.
+                    shared.borrow_mut().mark_down("follower", &e);
+                    continue;
+                }
+            },
             None => false,
         };
         if !resumable {
@@ -264,19 +271,18 @@ async fn load(
         .filter_map(keys::parse_name)
         .filter(|n| n.host != me.host)
         .collect();
+    // A worker whose liveness key expired stays a member until a survivor removes it, and
+    // says so on the log (after `from`): the key may be missing only because its Redis (a
+    // shard of a Redis Cluster) was down for longer than the TTL.
     let mut cmds: Vec<Cmd> = Vec::new();
     for &node in &nodes {
-        cmds.push(redis::cmd("EXISTS").arg(keys.alive(node)).clone());
         cmds.push(redis::cmd("SMEMBERS").arg(keys.routes(node)).clone());
     }
     cmds.push(redis::cmd("HGETALL").arg(&keys.retained).clone());
     let (replies, _) = conn.run(&cmds).await?;
     let mut live: AHashMap<NodeId, HashSet<Route>> = AHashMap::new();
     for (i, &node) in nodes.iter().enumerate() {
-        if replies[2 * i] == Value::Int(0) {
-            continue; // expired: a survivor removes it
-        }
-        let routes = bulk_items(&replies[2 * i + 1])
+        let routes = bulk_items(&replies[i])
             .into_iter()
             .flat_map(decode_routes)
             .collect();

@@ -3,8 +3,9 @@
 //! workers whose liveness key expired.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use redis::{Cmd, Value};
@@ -66,9 +67,13 @@ enum After {
     },
 }
 
-/// One pipeline: kept until Redis has answered it, and sent again as is if it failed.
+/// One pipeline: kept until Redis has answered it, and what was not answered sent again
+/// if it failed.
 struct Batch {
     cmds: Vec<Cmd>,
+    /// The replies so far (on a Redis Cluster, a shard's part may be written while
+    /// another's failed).
+    replies: Vec<Option<Value>>,
     /// For each command, what its reply is for.
     after: Vec<After>,
     /// Forwards confirmed once this batch is written.
@@ -107,6 +112,7 @@ pub(super) fn route_bytes(route: &crate::model::Route) -> Bytes {
 fn take_batch(s: &mut Shared) -> Option<Batch> {
     let mut batch = Batch {
         cmds: Vec::new(),
+        replies: Vec::new(),
         after: Vec::new(),
         confirms: s.confirmations_issued,
     };
@@ -273,6 +279,7 @@ fn take_batch(s: &mut Shared) -> Option<Batch> {
     if batch.cmds.is_empty() {
         return None;
     }
+    batch.replies = vec![None; batch.cmds.len()];
     Some(batch)
 }
 
@@ -369,8 +376,9 @@ fn split_frames(buf: &mut BytesMut, limit: usize) -> Bytes {
 }
 
 /// Writes what the engine queued for Redis, one pipeline at a time, until the worker ends.
-/// A pipeline that fails is sent again, whole, once Redis is back (so nothing queued is
-/// lost; a change or batch Redis had applied before failing may then arrive twice).
+/// A pipeline that fails is sent again once Redis is back, but for the parts a Redis
+/// Cluster's shards did answer (so nothing queued is lost; a change or batch Redis had
+/// applied before failing may then arrive twice).
 pub(super) async fn run(shared: Rc<RefCell<Shared>>) {
     let cfg = shared.borrow().cfg.clone();
     let wake = shared.borrow().wake_writer.clone();
@@ -380,7 +388,7 @@ pub(super) async fn run(shared: Rc<RefCell<Shared>>) {
         if pending.is_none() {
             pending = take_batch(&mut shared.borrow_mut());
         }
-        let Some(batch) = pending.as_ref() else {
+        let Some(batch) = pending.as_mut() else {
             let polling = shared
                 .borrow()
                 .outboxes
@@ -394,10 +402,11 @@ pub(super) async fn run(shared: Rc<RefCell<Shared>>) {
             continue;
         };
         shared.borrow_mut().in_flight = true;
-        let result = conn.run(&batch.cmds).await;
+        let result = conn.run_resuming(&batch.cmds, &mut batch.replies).await;
         shared.borrow_mut().in_flight = false;
         match result {
-            Ok((replies, rtt)) => {
+            Ok(rtt) => {
+                let replies: Vec<Value> = batch.replies.drain(..).flatten().collect();
                 written(&mut shared.borrow_mut(), batch, &replies, rtt);
                 pending = None;
             }
@@ -510,6 +519,11 @@ pub(super) async fn open(
 /// refreshed) and removes workers whose key expired: their routes and inbox go, and the
 /// change log says they are gone. Whoever removes a worker from `P:nodes` first does it,
 /// so it is done once however many survivors notice.
+///
+/// A worker is removed only once its key has been seen missing for a liveness TTL, Redis
+/// answering all along: a Redis that was down longer than the TTL (a restarting master
+/// of a Redis Cluster is, for two seconds at least) comes back with the keys expired, and
+/// their workers, alive, need a heartbeat to set them again.
 pub(super) async fn heartbeat(shared: Rc<RefCell<Shared>>) {
     let cfg = shared.borrow().cfg.clone();
     let (keys, me, me_name) = {
@@ -520,6 +534,7 @@ pub(super) async fn heartbeat(shared: Rc<RefCell<Shared>>) {
     let mut interval = tokio::time::interval(Duration::from_millis(cfg.heartbeat_ms));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let pid = std::process::id();
+    let mut suspects = HashMap::new();
     loop {
         interval.tick().await;
         let register = [
@@ -536,6 +551,7 @@ pub(super) async fn heartbeat(shared: Rc<RefCell<Shared>>) {
             Ok((replies, _)) => replies,
             Err(e) => {
                 shared.borrow_mut().mark_down("heartbeat", &e);
+                suspects.clear();
                 conn = open(&shared, &cfg, "heartbeat").await;
                 continue;
             }
@@ -563,8 +579,9 @@ pub(super) async fn heartbeat(shared: Rc<RefCell<Shared>>) {
                 .collect(),
             _ => Vec::new(),
         };
-        if let Err(e) = reap(&mut conn, &shared, &nodes).await {
+        if let Err(e) = reap(&mut conn, &shared, &nodes, &mut suspects).await {
             shared.borrow_mut().mark_down("reaper", &e);
+            suspects.clear();
         }
     }
 }
@@ -573,12 +590,14 @@ async fn reap(
     conn: &mut Conn,
     shared: &Rc<RefCell<Shared>>,
     nodes: &[NodeId],
+    suspects: &mut HashMap<NodeId, Instant>,
 ) -> redis::RedisResult<()> {
     let (keys, log_length, me, me_name) = {
         let s = shared.borrow();
         (s.keys.clone(), s.cfg.log_length, s.me, s.me_name.clone())
     };
     let keys = &keys;
+    suspects.retain(|n, _| nodes.contains(n));
     if nodes.is_empty() {
         return Ok(());
     }
@@ -587,10 +606,17 @@ async fn reap(
         .map(|&n| redis::cmd("EXISTS").arg(keys.alive(n)).clone())
         .collect();
     let (alive, _) = conn.run(&exists).await?;
+    let now = Instant::now();
+    let grace = Duration::from_millis(shared.borrow().cfg.liveness_ttl_ms);
     for (&node, alive) in nodes.iter().zip(alive) {
         if alive != Value::Int(0) {
+            suspects.remove(&node);
             continue;
         }
+        if now.duration_since(*suspects.entry(node).or_insert(now)) < grace {
+            continue;
+        }
+        suspects.remove(&node);
         let name = keys::name(node);
         let removed: i64 = conn
             .query(redis::cmd("SREM").arg(&keys.nodes).arg(&name))
