@@ -106,17 +106,39 @@ fn put_str(buf: &mut BytesMut, s: &[u8]) {
 
 /// Append a CONNECT packet (clean session / clean start, no will, no login).
 pub fn encode_connect(buf: &mut BytesMut, proto: Protocol, client_id: &str, keep_alive: u16) {
+    encode_connect_session(buf, proto, client_id, keep_alive, true)
+}
+
+/// Append a CONNECT; `clean` false asks for a session that outlives the connection (3.1.1
+/// clean session 0; v5 clean start 0 with a Session Expiry Interval of one hour).
+pub fn encode_connect_session(
+    buf: &mut BytesMut,
+    proto: Protocol,
+    client_id: &str,
+    keep_alive: u16,
+    clean: bool,
+) {
+    // v5 properties: the Session Expiry Interval (id 0x11, four bytes) when not clean.
+    let expiry = proto == Protocol::V5 && !clean;
     // variable header: "MQTT" (6) + level (1) + flags (1) + keepalive (2) [+ props len (1)]
-    let props = if proto == Protocol::V5 { 1 } else { 0 };
+    let props = match (proto, expiry) {
+        (Protocol::V5, true) => 6,
+        (Protocol::V5, false) => 1,
+        _ => 0,
+    };
     let remaining = 10 + props + 2 + client_id.len();
     buf.reserve(1 + varint_len(remaining) + remaining);
     buf.put_u8(0x10);
     put_varint(buf, remaining);
     put_str(buf, b"MQTT");
     buf.put_u8(proto.level());
-    buf.put_u8(0x02); // clean session / clean start
+    buf.put_u8(if clean { 0x02 } else { 0x00 }); // clean session / clean start
     buf.put_u16(keep_alive);
-    if proto == Protocol::V5 {
+    if expiry {
+        buf.put_u8(5);
+        buf.put_u8(0x11);
+        buf.put_u32(3600);
+    } else if proto == Protocol::V5 {
         buf.put_u8(0); // no properties
     }
     put_str(buf, client_id.as_bytes());

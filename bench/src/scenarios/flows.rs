@@ -26,8 +26,9 @@
 use crate::procfs;
 use crate::report::{self, opt, Latency, Report};
 use crate::scenarios::{
-    broker_sample, mqtt_connect, mqtt_subscribe, nanos_now, parse_payload_header,
-    put_payload_header, resolve, Common, Conn, ReadBuf, MAX_FRAME, PAYLOAD_HEADER,
+    broker_sample, mqtt_connect, mqtt_connect_session, mqtt_subscribe, nanos_now,
+    parse_payload_header, put_payload_header, resolve, Common, Conn, ReadBuf, MAX_FRAME,
+    PAYLOAD_HEADER,
 };
 use crate::wire::{self, Protocol};
 use anyhow::{bail, Context, Result};
@@ -93,6 +94,10 @@ pub struct FlowArgs {
     /// broker cluster, to measure what crosses hosts.
     #[arg(long)]
     pub subscriber_port: Option<u16>,
+    /// Subscribers ask for persistent sessions (3.1.1 clean session 0; v5 one hour of
+    /// session expiry): what a broker keeps in a session store is measured.
+    #[arg(long)]
+    pub persistent_subscribers: bool,
 }
 
 /// Bytes of queued publishes per publisher before we stop encoding more.
@@ -393,12 +398,13 @@ async fn run_async(shape: Shape, args: &FlowArgs, common: &Common) -> Result<Flo
             .await
             .with_context(|| format!("connecting subscriber {i} to {sub_addr}"))?;
         let mut rb = ReadBuf::new(64 * 1024);
-        mqtt_connect(
+        mqtt_connect_session(
             &mut s,
             &mut rb,
             proto,
             &format!("mb{tag}-s{i}"),
             common.keepalive,
+            !args.persistent_subscribers,
         )
         .await?;
         mqtt_subscribe(&mut s, &mut rb, proto, &filter_of_sub(i), args.qos).await?;

@@ -179,8 +179,20 @@ pub async fn mqtt_connect(
     client_id: &str,
     keep_alive: u16,
 ) -> Result<Option<u16>> {
+    mqtt_connect_session(s, rb, proto, client_id, keep_alive, true).await
+}
+
+/// As [`mqtt_connect`]; `clean` false asks for a persistent session.
+pub async fn mqtt_connect_session(
+    s: &mut TcpStream,
+    rb: &mut ReadBuf,
+    proto: Protocol,
+    client_id: &str,
+    keep_alive: u16,
+    clean: bool,
+) -> Result<Option<u16>> {
     let mut out = BytesMut::with_capacity(64);
-    wire::encode_connect(&mut out, proto, client_id, keep_alive);
+    wire::encode_connect_session(&mut out, proto, client_id, keep_alive, clean);
     s.write_all(&out).await?;
     let (header, body) = next_frame(s, rb).await?;
     if header >> 4 != wire::CONNACK {
