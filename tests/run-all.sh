@@ -59,3 +59,10 @@ for suite in "${suites[@]}"; do
   case "$suite" in */v311-*|*/v5-*) (cd supervisor && MQTTD_TEST_WORKERS=2 "$suite") ;; esac
 done
 MQTTD_TEST_WORKERS=2 python3 -m pytest tests/interop -q
+# And against two Redis-mode hosts (2 workers each) on one key prefix, the clients of each
+# test alternating between them.
+export MQTTD_TEST_REDIS_HOSTS=2
+for suite in "${suites[@]}"; do
+  case "$suite" in */v311-*|*/v5-*) (cd supervisor && MQTTD_TEST_WORKERS=2 "$suite") ;; esac
+done
+MQTTD_TEST_WORKERS=2 python3 -m pytest tests/interop -q

@@ -50,10 +50,21 @@ class Broker:
     def __init__(self, proc, host, port, kind, log_path, quic_port=None):
         self.proc = proc
         self.host = host
-        self.port = port
+        self._port = port
+        # With MQTTD_TEST_REDIS_HOSTS=2 a second host on the same Redis prefix: `port`
+        # alternates between the two, so the clients of one test spread over both hosts.
+        self.second = None
+        self._turn = 0
         self.quic_port = quic_port  # MQTT over QUIC (UDP), mqttd only
         self.kind = kind
         self.log_path = log_path
+
+    @property
+    def port(self):
+        if self.second is None:
+            return self._port
+        self._turn += 1
+        return self._port if self._turn % 2 else self.second.port
 
     @property
     def pid(self):
@@ -70,7 +81,9 @@ class Broker:
         return "\n".join(out) or "<no log>"
 
     def stop(self):
-        """Terminate by PID, kill after a deadline. Returns True if it was alive."""
+        """Terminate by PID, kill after a deadline. Returns True if it (and the second
+        host, if any) was alive."""
+        second_alive = self.second.stop() if self.second is not None else True
         was_alive = self.alive()
         if was_alive:
             os.kill(self.pid, signal.SIGTERM)
@@ -79,7 +92,7 @@ class Broker:
             except subprocess.TimeoutExpired:
                 os.kill(self.pid, signal.SIGKILL)
                 self.proc.wait(timeout=5)
-        return was_alive
+        return was_alive and second_alive
 
 
 def free_port():
@@ -148,6 +161,16 @@ def start_mosquitto(tmp_path, settings):
 
 
 def start_mqttd(tmp_path, settings):
+    prefix = f"test-{uuid.uuid4().hex}"
+    broker = start_mqttd_host(tmp_path, settings, prefix)
+    if os.environ.get("MQTTD_TEST_REDIS_URL") and os.environ.get("MQTTD_TEST_REDIS_HOSTS") == "2":
+        second_dir = tmp_path / "host2"
+        second_dir.mkdir()
+        broker.second = start_mqttd_host(second_dir, settings, prefix)
+    return broker
+
+
+def start_mqttd_host(tmp_path, settings, prefix):
     binary = mqttd_binary()
     # Until cross-worker routing lands, clients of one test must share a worker.
     args = [binary, "--bind", "127.0.0.1:0", "--set", 'quic.bind="127.0.0.1:0"',
@@ -155,10 +178,11 @@ def start_mqttd(tmp_path, settings):
             "--set", 'metrics.bind="127.0.0.1:0"']
     # The suite runs again against a broker in Redis mode (tests/run-all.sh).
     if os.environ.get("MQTTD_TEST_REDIS_URL"):
-        # Each broker on its own key prefix: brokers of different tests are not one cluster.
+        # Each test's brokers on their own key prefix: brokers of different tests are not one
+        # cluster.
         args += ["--set", 'cluster.backend="redis"',
                  "--set", f'redis.url="{os.environ["MQTTD_TEST_REDIS_URL"]}"',
-                 "--set", f'redis.prefix="test-{uuid.uuid4().hex}"']
+                 "--set", f'redis.prefix="{prefix}"']
     for key, value in settings.items():
         if isinstance(value, bool):
             value = "true" if value else "false"

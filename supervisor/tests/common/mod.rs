@@ -23,6 +23,10 @@ pub struct Broker {
     pub quic_addr: Option<SocketAddr>,
     /// Stopped on purpose by the test (by a signal): Drop does not call that a crash.
     stopped: bool,
+    /// A second host of the same broker (`MQTTD_TEST_REDIS_HOSTS=2`): clients are spread
+    /// over both, [`Broker::port`] answering each host in turn.
+    second: Option<Box<Broker>>,
+    turn: std::sync::atomic::AtomicUsize,
 }
 
 /// Worker processes per broker in tests: `MQTTD_TEST_WORKERS`, default 1 (until
@@ -53,7 +57,24 @@ impl Broker {
 
     /// As [`Broker::start_workers`], running the binary at `exe` (the supervisor re-execs
     /// that path for every worker it starts later).
+    ///
+    /// With `MQTTD_TEST_REDIS_URL` set (tests/run-all.sh) the broker runs in Redis mode, on
+    /// a key prefix of its own (the brokers of tests running at once are not hosts of one
+    /// cluster); with `MQTTD_TEST_REDIS_HOSTS=2` as well, it is two hosts on that prefix,
+    /// and clients are spread over both ([`Broker::port`]).
     pub fn start_exe(exe: &std::path::Path, workers: u16, sets: &[&str]) -> Broker {
+        static BROKERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = BROKERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("test-{}-{n}", std::process::id());
+        let mut broker = Broker::start_host(exe, workers, sets, &prefix);
+        let two = std::env::var("MQTTD_TEST_REDIS_HOSTS").is_ok_and(|h| h == "2");
+        if two && std::env::var("MQTTD_TEST_REDIS_URL").is_ok() {
+            broker.second = Some(Box::new(Broker::start_host(exe, workers, sets, &prefix)));
+        }
+        broker
+    }
+
+    fn start_host(exe: &std::path::Path, workers: u16, sets: &[&str], prefix: &str) -> Broker {
         let mut cmd = Command::new(exe);
         cmd.args([
             "--bind",
@@ -67,15 +88,10 @@ impl Broker {
             "--set",
             "quic.bind=\"127.0.0.1:0\"",
         ]);
-        // The suites run again against a broker in Redis mode (tests/run-all.sh); each
-        // broker on its own key prefix, so that the brokers of tests running at once are
-        // not hosts of one cluster.
-        if let Ok(url) = std::env::var("MQTTD_TEST_REDIS_URL") {
-            static BROKERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-            let n = BROKERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let redis = std::env::var("MQTTD_TEST_REDIS_URL").ok();
+        if let Some(url) = &redis {
             cmd.args(["--set", "cluster.backend=\"redis\""]);
             cmd.args(["--set", &format!("redis.url=\"{url}\"")]);
-            let prefix = format!("test-{}-{n}", std::process::id());
             cmd.args(["--set", &format!("redis.prefix=\"{prefix}\"")]);
         }
         for s in sets {
@@ -93,6 +109,8 @@ impl Broker {
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             quic_addr: None,
             stopped: false,
+            second: None,
+            turn: std::sync::atomic::AtomicUsize::new(0),
         };
         let stdout = broker.child.stdout.take().expect("stdout");
         // Once every worker is ready the broker prints "mqttd listening tcp ADDR", then the
@@ -127,8 +145,19 @@ impl Broker {
         }
     }
 
+    /// The MQTT port, of each host in turn when the broker has two.
     pub fn port(&self) -> u16 {
-        self.addr.port()
+        match &self.second {
+            Some(second) => {
+                let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if turn & 1 == 0 {
+                    self.addr.port()
+                } else {
+                    second.addr.port()
+                }
+            }
+            None => self.addr.port(),
+        }
     }
 
     pub fn pid(&self) -> u32 {
