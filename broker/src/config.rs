@@ -15,9 +15,11 @@ use serde::Deserialize;
 mod metrics;
 mod quic;
 mod redis;
+mod tls;
 pub use metrics::MetricsConfig;
 pub use quic::{Congestion, QuicConfig};
 pub use redis::{RedisConfig, RedisUrls};
+pub use tls::{TlsConfig, WsConfig, WssConfig};
 
 /// Everything a worker needs to know. `Default` is the embedded, no-outside-service setup.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -31,6 +33,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub quic: QuicConfig,
     pub redis: RedisConfig,
+    pub tls: TlsConfig,
+    pub ws: WsConfig,
+    pub wss: WssConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -303,6 +308,9 @@ impl Config {
             bail!("limits.max_packet_size must be at least 64 bytes");
         }
         self.quic.validate()?;
+        self.tls.validate()?;
+        self.ws.validate("ws")?;
+        self.wss.0.validate("wss")?;
         if self.cluster.backend == ClusterBackend::Redis {
             self.redis.validate()?;
         }

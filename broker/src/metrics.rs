@@ -74,6 +74,19 @@ pub struct WorkerMetrics {
     pub auth_failures: u64,
     /// The Redis link, in `cluster.backend = "redis"`.
     pub store: Option<StoreStats>,
+    /// Per listener (transport driver).
+    pub transports: Vec<TransportMetrics>,
+}
+
+/// One transport driver's connections (`transport` label: tcp, tls, ws, wss, quic).
+#[derive(Debug, Clone, Default)]
+pub struct TransportMetrics {
+    pub transport: &'static str,
+    /// Open connections (with or without a CONNECT yet).
+    pub connections: u64,
+    pub accepted: u64,
+    /// Connections its protocol layers gave up on, by reason.
+    pub errors: Vec<(&'static str, u64)>,
 }
 
 /// The worker process as `/proc/self` shows it. A value that cannot be read is 0.
@@ -285,6 +298,7 @@ impl WorkerMetrics {
         for (name, help, value) in counters {
             w.single(name, "counter", help, value);
         }
+        render_transports(&mut w, &self.transports);
         w.labelled(
             "mqttd_connections_refused_total",
             "counter",
@@ -374,6 +388,34 @@ impl WorkerMetrics {
 }
 
 /// The Redis link's families (`cluster.backend = "redis"` only).
+fn render_transports(w: &mut Exposition<'_>, transports: &[TransportMetrics]) {
+    let name = "mqttd_transport_connections";
+    w.family(name, "gauge", "Open connections, by listener transport.");
+    for t in transports {
+        w.sample(name, &[("transport", t.transport)], t.connections);
+    }
+    let name = "mqttd_transport_connections_accepted_total";
+    w.family(
+        name,
+        "counter",
+        "Connections accepted, by listener transport.",
+    );
+    for t in transports {
+        w.sample(name, &[("transport", t.transport)], t.accepted);
+    }
+    let name = "mqttd_transport_errors_total";
+    w.family(
+        name,
+        "counter",
+        "Connections closed for breaking their transport's protocol (TLS handshake, WebSocket upgrade or framing), by transport and reason.",
+    );
+    for t in transports {
+        for (reason, n) in &t.errors {
+            w.sample(name, &[("transport", t.transport), ("reason", reason)], n);
+        }
+    }
+}
+
 fn render_store(w: &mut Exposition<'_>, s: &StoreStats) {
     let gauges: [(&str, &str, u64); 3] = [
         (

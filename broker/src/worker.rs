@@ -18,8 +18,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::cluster::{self, ClusterEvent, ClusterInbox, Lifecycle, WorkerIdentity};
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::transport::layer::{Framing, LayerFactory};
 use crate::transport::quic;
 use crate::transport::tcp::TcpReactor;
+use crate::transport::tls::TlsAcceptor;
+use crate::transport::ws::WsConfig as WsSettings;
 
 /// How long a draining worker may spend handing its sessions to its successor (and
 /// flushing what it queued for its peers). Within `cluster.drain_timeout_secs`, after
@@ -34,10 +37,15 @@ pub struct Inherited {
     pub tcp: Option<std::net::TcpListener>,
     /// The slot's UDP socket for QUIC.
     pub udp: Option<std::net::UdpSocket>,
+    /// The slot's listening sockets for TLS, WebSocket and WebSocket over TLS.
+    pub layered: Vec<(Framing, std::net::TcpListener)>,
 }
 
 pub struct Worker {
     tcp: std::net::TcpListener,
+    /// The TLS and WebSocket listeners that are enabled, each with what its connections
+    /// need.
+    layered: Vec<(LayerFactory, std::net::TcpListener)>,
     inbox: Rc<ClusterInbox>,
     /// MQTT over QUIC, when `quic.enabled`.
     quic: Option<quic::Driver>,
@@ -78,12 +86,14 @@ impl Worker {
                 Some(quic::driver(&config, udp, &mut engine.borrow_mut())?)
             }
         };
+        let layered = bind_layered(&config, inherited.layered)?;
         backend.lifecycle.ready().await;
         // Whatever the peers sent before they counted as joined is applied before the first
         // client is served.
         apply_cluster_events(&backend.inbox, &engine, &mut Vec::new());
         Ok(Worker {
             tcp,
+            layered,
             inbox: backend.inbox,
             quic,
             engine,
@@ -109,8 +119,13 @@ impl Worker {
             .quic
             .iter()
             .map(|d| Ok::<_, std::io::Error>(("quic", d.local_addr())));
+        let layered = self
+            .layered
+            .iter()
+            .map(|(factory, l)| l.local_addr().map(|a| (factory.framing.name(), a)));
         std::iter::once(tcp)
             .chain(quic)
+            .chain(layered)
             .filter_map(Result::ok)
             .collect()
     }
@@ -134,8 +149,40 @@ impl Worker {
                 quic.stop_accepting();
             }
         };
-        let reactor = TcpReactor::new(self.tcp, self.engine.clone())?;
+        // Every listener's reactor stops accepting and drains on shutdown.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        };
+        let acceptors: Vec<_> = self
+            .layered
+            .iter()
+            .filter_map(|(f, _)| f.tls.clone())
+            .collect();
+        let reloader = tokio::task::spawn_local(reload_certificates_on_sigusr1(acceptors));
+        let mut reactors = Vec::new();
+        for (factory, listener) in self.layered {
+            let reactor = TcpReactor::new(listener, self.engine.clone(), factory)?;
+            let mut stopped = stopped.clone();
+            reactors.push(tokio::task::spawn_local(async move {
+                reactor
+                    .run(async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    })
+                    .await
+            }));
+        }
+        let reactor = TcpReactor::new(self.tcp, self.engine.clone(), LayerFactory::plain())?;
         let result = reactor.run(shutdown).await;
+        for reactor in reactors {
+            match reactor.await {
+                Ok(Err(e)) => tracing::warn!("listener: {e}"),
+                Err(e) => tracing::warn!("listener task: {e}"),
+                Ok(Ok(())) => {}
+            }
+        }
+        reloader.abort();
         ticker.abort();
         if let Some(quic) = quic.and_then(|q| Rc::try_unwrap(q).ok()) {
             quic.drain().await;
@@ -155,6 +202,75 @@ impl Worker {
             tracing::warn!("session handover to the successor timed out");
         }
         result.context("TCP listener")
+    }
+}
+
+/// The enabled TLS and WebSocket listeners: the sockets the supervisor passed down, or
+/// bound here; each with its layers' settings (certificates are loaded now, so a bad one
+/// stops the worker at start with a message that names the file).
+fn bind_layered(
+    config: &Config,
+    mut inherited: Vec<(Framing, std::net::TcpListener)>,
+) -> anyhow::Result<Vec<(LayerFactory, std::net::TcpListener)>> {
+    let mut layered = Vec::new();
+    for (framing, enabled, addr) in layered_listeners(config) {
+        if !enabled {
+            continue;
+        }
+        let listener = match inherited.iter().position(|(f, _)| *f == framing) {
+            Some(at) => inherited.swap_remove(at).1,
+            None => bind_tcp(addr, config.listener.backlog)
+                .with_context(|| format!("binding {} {addr}", framing.name()))?,
+        };
+        let tls = match framing {
+            Framing::Tls | Framing::Wss => {
+                let acceptor = TlsAcceptor::new(&config.tls, framing == Framing::Tls)
+                    .with_context(|| format!("{} listener", framing.name()))?;
+                Some(Rc::new(acceptor))
+            }
+            _ => None,
+        };
+        let ws = match framing {
+            Framing::Ws => Some(&config.ws),
+            Framing::Wss => Some(&config.wss.0),
+            _ => None,
+        };
+        let ws = ws.map(|c| {
+            Rc::new(WsSettings {
+                path: c.path.clone(),
+                max_request_bytes: c.max_request_bytes,
+            })
+        });
+        layered.push((LayerFactory { framing, tls, ws }, listener));
+    }
+    Ok(layered)
+}
+
+/// The TLS and WebSocket listeners as (framing, enabled, address).
+pub fn layered_listeners(config: &Config) -> [(Framing, bool, SocketAddr); 3] {
+    [
+        (Framing::Tls, config.tls.enabled, config.tls.bind),
+        (Framing::Ws, config.ws.enabled, config.ws.bind),
+        (Framing::Wss, config.wss.0.enabled, config.wss.0.bind),
+    ]
+}
+
+/// SIGUSR1: every TLS listener reads its certificate, key and client CAs again. New
+/// connections get the new ones; established connections are not touched.
+async fn reload_certificates_on_sigusr1(acceptors: Vec<Rc<TlsAcceptor>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+        return tracing::warn!("cannot listen for SIGUSR1: certificates will not be reloaded");
+    };
+    while usr1.recv().await.is_some() {
+        for acceptor in &acceptors {
+            match acceptor.reload() {
+                Ok(()) => tracing::info!("TLS certificates reloaded"),
+                Err(e) => {
+                    tracing::error!("TLS certificates not reloaded (the old ones stay): {e:#}")
+                }
+            }
+        }
     }
 }
 

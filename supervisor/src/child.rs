@@ -18,6 +18,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
+use mqttd_broker::transport::layer::Framing;
+
 use crate::metrics_link::{self, MetricsLink, WORKER_METRICS_FD};
 use crate::worker_main::READY_LINE;
 
@@ -28,6 +30,19 @@ pub const RESTARTS_ENV: &str = "MQTTD_WORKER_RESTARTS";
 const INHERITED_LISTENER_FD: RawFd = 3;
 /// The descriptor number of the slot's QUIC UDP socket (4 belongs to the metrics helper).
 const INHERITED_QUIC_FD: RawFd = 5;
+/// The descriptor numbers of the slot's TLS and WebSocket listeners, in their order.
+const INHERITED_LAYERED_FDS: [RawFd; 3] = [6, 7, 8];
+
+/// The sockets of one worker slot. The supervisor owns them, so they outlive every worker
+/// that serves them: connections (and datagrams) queued during a restart wait for the
+/// next process instead of being reset.
+#[derive(Debug)]
+pub struct SlotSockets {
+    pub tcp: std::net::TcpListener,
+    pub quic: Option<std::net::UdpSocket>,
+    /// The enabled TLS and WebSocket listeners.
+    pub layered: Vec<(Framing, std::net::TcpListener)>,
+}
 
 /// How to start a worker: the program and the arguments every worker gets; the slot's
 /// `--worker-index` is added per launch.
@@ -62,12 +77,23 @@ impl Child {
     pub fn spawn(
         launch: &Launch,
         index: u16,
-        listener: RawFd,
-        quic: Option<RawFd>,
+        sockets: &SlotSockets,
         restarts: u64,
         id: u64,
         events: mpsc::UnboundedSender<(u64, Event)>,
     ) -> io::Result<Child> {
+        let listener = sockets.tcp.as_raw_fd();
+        let quic = sockets.quic.as_ref().map(|s| s.as_raw_fd());
+        let layered: Vec<(Framing, RawFd)> = sockets
+            .layered
+            .iter()
+            .map(|(framing, l)| (*framing, l.as_raw_fd()))
+            .collect();
+        let layered_args: Vec<String> = layered
+            .iter()
+            .zip(INHERITED_LAYERED_FDS)
+            .map(|((framing, _), fd)| format!("--layered-fd={}={fd}", framing.name()))
+            .collect();
         let (metrics_fd, metrics_end) = metrics_link::socketpair()?;
         let metrics_raw = metrics_fd.as_raw_fd();
         // Before the spawn: nothing can fail between it and the watcher task below.
@@ -81,6 +107,7 @@ impl Child {
             .arg("--metrics-fd")
             .arg(WORKER_METRICS_FD.to_string())
             .args(quic.map(|_| format!("--quic-fd={INHERITED_QUIC_FD}")))
+            .args(&layered_args)
             .arg("--worker-index")
             .arg(index.to_string())
             .stdin(Stdio::null())
@@ -107,10 +134,19 @@ impl Child {
                 // another (dup2 also clears close-on-exec on the placed copy).
                 let listener = out_of_the_way(listener)?;
                 let quic = quic.map(out_of_the_way).transpose()?;
+                let mut moved = [-1; 3];
+                for (slot, (_, fd)) in moved.iter_mut().zip(&layered) {
+                    *slot = out_of_the_way(*fd)?;
+                }
                 let metrics = out_of_the_way(metrics_raw)?;
                 place(listener, INHERITED_LISTENER_FD)?;
                 if let Some(quic) = quic {
                     place(quic, INHERITED_QUIC_FD)?;
+                }
+                for (fd, at) in moved.iter().zip(INHERITED_LAYERED_FDS) {
+                    if *fd >= 0 {
+                        place(*fd, at)?;
+                    }
                 }
                 place(metrics, WORKER_METRICS_FD)?;
                 Ok(())

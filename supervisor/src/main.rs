@@ -11,6 +11,7 @@
 //! workers get the supervisor's own arguments, so they load exactly the same config.
 
 mod child;
+mod layered;
 mod metrics_http;
 mod metrics_link;
 mod quic;
@@ -69,6 +70,10 @@ struct Cli {
     /// Worker mode: the slot's QUIC UDP socket inherited from the supervisor, by fd number.
     #[arg(long, hide = true, requires = "worker_index")]
     quic_fd: Option<i32>,
+    /// Worker mode: the slot's TLS and WebSocket listeners inherited from the supervisor,
+    /// as `tls=6` (transport=fd number), repeated.
+    #[arg(long, hide = true, requires = "worker_index")]
+    layered_fd: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -100,7 +105,13 @@ fn main() -> anyhow::Result<()> {
                 count,
                 mesh_dir,
             };
-            worker_main::run(config, identity, cli.listen_fd, cli.quic_fd, cli.metrics_fd)
+            let fds = worker_main::Fds {
+                listener: cli.listen_fd,
+                quic: cli.quic_fd,
+                metrics: cli.metrics_fd,
+                layered: worker_main::parse_layered_fds(&cli.layered_fd)?,
+            };
+            worker_main::run(config, identity, fds)
         }
         _ => supervisor::run(config, std::env::args_os().skip(1).collect()),
     }

@@ -15,13 +15,12 @@
 //! that looks alive.
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 
-use crate::child::{describe, Child, Event, Launch};
+use crate::child::{describe, Child, Event, Launch, SlotSockets};
 use crate::signals::{Signal, Signals};
 
 mod view;
@@ -33,11 +32,7 @@ const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 struct Slot {
-    /// The slot's listening socket: owned here so it outlives every worker that serves it
-    /// (connections queued during a restart wait for the next process, none is reset).
-    listener: std::net::TcpListener,
-    /// The slot's QUIC socket, owned here for the same reason (datagrams wait for the successor).
-    quic: Option<std::net::UdpSocket>,
+    sockets: SlotSockets,
     active: Option<u64>,
     incoming: Option<u64>,
     outgoing: Option<u64>,
@@ -86,19 +81,18 @@ pub struct WorkerSet {
 }
 
 impl WorkerSet {
-    /// `listeners`: one listening socket per worker slot, and its QUIC socket if enabled.
+    /// `listeners`: the sockets of each worker slot.
     pub fn new(
         launch: Launch,
-        listeners: Vec<(std::net::TcpListener, Option<std::net::UdpSocket>)>,
+        listeners: Vec<SlotSockets>,
         drain_timeout: Duration,
         ready_timeout: Duration,
     ) -> WorkerSet {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let slots = listeners
             .into_iter()
-            .map(|(listener, quic)| Slot {
-                listener,
-                quic,
+            .map(|sockets| Slot {
+                sockets,
                 active: None,
                 incoming: None,
                 outgoing: None,
@@ -183,17 +177,11 @@ impl WorkerSet {
     fn start(&mut self, index: u16) -> std::io::Result<()> {
         let id = self.next_id;
         self.next_id += 1;
-        let listener = self.slots[index as usize].listener.as_raw_fd();
-        let quic = self.slots[index as usize]
-            .quic
-            .as_ref()
-            .map(|s| s.as_raw_fd());
         let restarts = self.slots[index as usize].restarts;
         let child = Child::spawn(
             &self.launch,
             index,
-            listener,
-            quic,
+            &self.slots[index as usize].sockets,
             restarts,
             id,
             self.events_tx.clone(),

@@ -13,7 +13,9 @@ use anyhow::Context;
 use mqttd_broker::config::{ClusterBackend, Config};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::child::Launch;
+use mqttd_broker::transport::layer::Framing;
+
+use crate::child::{Launch, SlotSockets};
 use crate::signals::Signals;
 use crate::spawn::WorkerSet;
 
@@ -43,7 +45,20 @@ pub fn run(config: Config, user_args: Vec<OsString>) -> anyhow::Result<()> {
     let quic_addr = quic.as_ref().map(|q| q.addr);
     let quic_sockets = quic.map(|q| q.sockets.into_iter().map(Some).collect::<Vec<_>>());
     let quic_sockets = quic_sockets.unwrap_or_else(|| (0..count).map(|_| None).collect());
-    let listeners: Vec<_> = listeners.into_iter().zip(quic_sockets).collect();
+    let layered = crate::layered::prepare(&config, count)?;
+    let announced: Vec<_> = layered.iter().map(|l| (l.framing, l.addr)).collect();
+    let mut layered_sockets: Vec<Vec<_>> = (0..count).map(|_| Vec::new()).collect();
+    for listener in layered {
+        for (slot, socket) in layered_sockets.iter_mut().zip(listener.sockets) {
+            slot.push((listener.framing, socket));
+        }
+    }
+    let listeners: Vec<_> = listeners
+        .into_iter()
+        .zip(quic_sockets)
+        .zip(layered_sockets)
+        .map(|((tcp, quic), layered)| SlotSockets { tcp, quic, layered })
+        .collect();
 
     let mut args = user_args;
     args.extend(
@@ -58,6 +73,11 @@ pub fn run(config: Config, user_args: Vec<OsString>) -> anyhow::Result<()> {
         ]
         .map(OsString::from),
     );
+    // The concrete ports of the other listeners, for workers that bind their own.
+    for (framing, addr) in &announced {
+        args.push("--set".into());
+        args.push(format!("{}.bind=\"{addr}\"", framing.name()).into());
+    }
     let launch = Launch {
         exe: std::env::current_exe().context("locating the mqttd binary")?,
         args,
@@ -90,7 +110,9 @@ pub fn run(config: Config, user_args: Vec<OsString>) -> anyhow::Result<()> {
                 .context("serving the metrics endpoint")?;
         }
         workers
-            .run(signals, || announce(addr, quic_addr, metrics_addr))
+            .run(signals, || {
+                announce(addr, quic_addr, &announced, metrics_addr)
+            })
             .await
     });
     drop(reservation);
@@ -99,14 +121,25 @@ pub fn run(config: Config, user_args: Vec<OsString>) -> anyhow::Result<()> {
 }
 
 /// Tests and scripts read these lines to learn the ports when binding port 0. The TCP
-/// line comes first (scripts that want only it read one line), then QUIC, then metrics.
-fn announce(addr: SocketAddr, quic: Option<SocketAddr>, metrics: Option<SocketAddr>) {
+/// line comes first (scripts that want only it read one line), then QUIC, then TLS and
+/// WebSocket, then metrics.
+fn announce(
+    addr: SocketAddr,
+    quic: Option<SocketAddr>,
+    layered: &[(Framing, SocketAddr)],
+    metrics: Option<SocketAddr>,
+) {
     tracing::info!("listening on tcp {addr}");
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "mqttd listening tcp {addr}");
     if let Some(quic) = quic {
         tracing::info!("listening on quic {quic}");
         let _ = writeln!(out, "mqttd listening quic {quic}");
+    }
+    for (framing, addr) in layered {
+        let name = framing.name();
+        tracing::info!("listening on {name} {addr}");
+        let _ = writeln!(out, "mqttd listening {name} {addr}");
     }
     if let Some(metrics) = metrics {
         tracing::info!("metrics on http://{metrics}/metrics");

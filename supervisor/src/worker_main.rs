@@ -9,6 +9,7 @@ use std::os::fd::FromRawFd;
 use anyhow::Context;
 use mqttd_broker::cluster::WorkerIdentity;
 use mqttd_broker::config::Config;
+use mqttd_broker::transport::layer::Framing;
 use mqttd_broker::worker::Inherited;
 use mqttd_broker::Worker;
 
@@ -16,13 +17,28 @@ use mqttd_broker::Worker;
 /// counts these to know when the broker as a whole is ready.
 pub const READY_LINE: &str = "mqttd worker ready";
 
-pub fn run(
-    config: Config,
-    identity: WorkerIdentity,
-    listen_fd: Option<i32>,
-    quic_fd: Option<i32>,
-    metrics_fd: Option<i32>,
-) -> anyhow::Result<()> {
+/// The descriptors the supervisor passed down, by number.
+pub struct Fds {
+    pub listener: Option<i32>,
+    pub quic: Option<i32>,
+    pub metrics: Option<i32>,
+    pub layered: Vec<(Framing, i32)>,
+}
+
+/// `--layered-fd tls=6 ...` as (framing, fd).
+pub fn parse_layered_fds(args: &[String]) -> anyhow::Result<Vec<(Framing, i32)>> {
+    args.iter()
+        .map(|arg| {
+            let (name, fd) = arg
+                .split_once('=')
+                .context("--layered-fd expects name=fd")?;
+            let framing = Framing::from_name(name).context("--layered-fd: unknown transport")?;
+            Ok((framing, fd.parse().context("--layered-fd: fd number")?))
+        })
+        .collect()
+}
+
+pub fn run(config: Config, identity: WorkerIdentity, fds: Fds) -> anyhow::Result<()> {
     // Every log line of this process says which worker wrote it (stderr is shared).
     let span = tracing::info_span!("worker", index = identity.index);
     let _entered = span.enter();
@@ -38,15 +54,24 @@ pub fn run(
         // SAFETY: the supervisor passed these descriptors (a listening TCP socket, a bound
         // UDP socket) to this process alone, at exec; nothing else here owns or closes them.
         let inherited = Inherited {
-            tcp: listen_fd.map(|fd| unsafe { std::net::TcpListener::from_raw_fd(fd) }),
-            udp: quic_fd.map(|fd| unsafe { std::net::UdpSocket::from_raw_fd(fd) }),
+            tcp: fds
+                .listener
+                .map(|fd| unsafe { std::net::TcpListener::from_raw_fd(fd) }),
+            udp: fds
+                .quic
+                .map(|fd| unsafe { std::net::UdpSocket::from_raw_fd(fd) }),
+            layered: fds
+                .layered
+                .iter()
+                .map(|&(framing, fd)| (framing, unsafe { std::net::TcpListener::from_raw_fd(fd) }))
+                .collect(),
         };
         let worker = Worker::bind(config, Some(identity), inherited).await?;
         let restarts = std::env::var(crate::child::RESTARTS_ENV)
             .ok()
             .and_then(|v| v.parse().ok());
         worker.set_restarts(restarts.unwrap_or(0));
-        if let Some(fd) = metrics_fd {
+        if let Some(fd) = fds.metrics {
             // SAFETY: as for the listener: the supervisor's socketpair end, ours alone.
             worker.serve_metrics(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
         }

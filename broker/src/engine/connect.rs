@@ -87,7 +87,7 @@ impl Engine {
         key: ConnKey,
         connect: Connect,
         will: Option<LastWill>,
-        _login: Option<Login>,
+        login: Option<Login>,
         now: Instant,
     ) {
         let connect_bytes = self.connect_bytes.take();
@@ -97,6 +97,10 @@ impl Engine {
         let v5 = self.conns[key].version.is_v5();
         if !self.admit_connect(key, &connect, will.as_ref(), v5, connect_bytes) {
             return;
+        }
+        if self.peer_identity(key).is_some() {
+            let username = self.username(key, login.as_ref()).unwrap_or_default();
+            tracing::info!(conn = key, client_id = %connect.client_id, username, "CONNECT with a client certificate");
         }
         let negotiated = match self.negotiate_connect(key, connect, v5) {
             Ok(negotiated) => negotiated,

@@ -32,6 +32,12 @@ impl DriverId {
 /// What the engine keeps per driver.
 #[derive(Debug, Default)]
 pub(super) struct DriverSlot {
+    /// The transport it serves (the `transport` label of its metrics).
+    pub(super) name: &'static str,
+    /// Connections accepted since start.
+    pub(super) accepted: u64,
+    /// Connections its protocol layers gave up on, by reason.
+    pub(super) errors: Vec<(&'static str, u64)>,
     /// Kinds of handed-over streams this driver takes on.
     adopts: Vec<StreamKind>,
     /// Its connections with output or a pending close.
@@ -54,11 +60,13 @@ pub struct PendingHandoff {
 }
 
 impl Engine {
-    /// Registers a transport driver. `adopts`: the kinds of handed-over streams it serves
-    /// (a driver that terminates its protocol in-process, like QUIC, adopts none).
-    pub fn add_driver(&mut self, adopts: &[StreamKind]) -> DriverId {
+    /// Registers a transport driver, `name` being its transport ("tcp", "tls", "quic"...).
+    /// `adopts`: the kinds of handed-over streams it serves (a driver that terminates its
+    /// protocol in-process, like QUIC or TLS, adopts none).
+    pub fn add_driver(&mut self, name: &'static str, adopts: &[StreamKind]) -> DriverId {
         let id = DriverId(self.drivers.len() as u8);
         self.drivers.push(DriverSlot {
+            name,
             adopts: adopts.to_vec(),
             ..DriverSlot::default()
         });
@@ -83,6 +91,7 @@ impl Engine {
         let key = entry.key();
         let slot = &mut self.drivers[driver.index()];
         slot.conns += 1;
+        slot.accepted += 1;
         let mut conn = Conn::new(key, driver, slot.dirty.clone(), now, admission);
         conn.publish_buckets = buckets;
         entry.insert(conn);
@@ -112,6 +121,16 @@ impl Engine {
             return Poll::Ready(());
         }
         slot.dirty.poll_ready(cx)
+    }
+
+    /// A connection of `driver` broke its transport's protocol (a failed TLS handshake, a
+    /// bad WebSocket upgrade...): counted by `reason`.
+    pub fn transport_error(&mut self, driver: DriverId, reason: &'static str) {
+        let errors = &mut self.drivers[driver.index()].errors;
+        match errors.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => errors.push((reason, 1)),
+        }
     }
 
     /// Open connections of `driver`.

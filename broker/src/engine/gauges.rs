@@ -2,7 +2,7 @@
 //! the gauges (how much of each thing exists now) next to a copy of the counters.
 
 use super::{ConnState, Engine};
-use crate::metrics::WorkerMetrics;
+use crate::metrics::{TransportMetrics, WorkerMetrics};
 
 impl Engine {
     /// A snapshot of this worker's metrics (process metrics excepted: see
@@ -53,6 +53,19 @@ impl Engine {
             slow_consumer_disconnects: s.slow_consumer_disconnects,
             auth_failures: s.auth_failures,
             store: self.cluster.store_stats(),
+            transports: self.transport_metrics(),
         }
+    }
+
+    fn transport_metrics(&self) -> Vec<TransportMetrics> {
+        self.drivers
+            .iter()
+            .map(|d| TransportMetrics {
+                transport: d.name,
+                connections: d.conns as u64,
+                accepted: d.accepted,
+                errors: d.errors.clone(),
+            })
+            .collect()
     }
 }

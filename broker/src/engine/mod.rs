@@ -25,6 +25,7 @@ mod durable;
 mod flow;
 mod gauges;
 mod handover;
+mod identity;
 mod publish;
 mod rate;
 mod session;
@@ -107,6 +108,8 @@ pub struct Engine {
     /// The claim epoch of each session claimed across hosts (empty unless the backend
     /// claims): a release from an older claim leaves a newer session alone.
     claim_epochs: AHashMap<Box<str>, u64>,
+    /// Identities of connections that proved one below MQTT (a TLS client certificate).
+    peer_identities: AHashMap<ConnKey, Box<str>>,
     /// The backend keeps persistent sessions in a store (`durable.rs`).
     store_sessions: bool,
     /// Routes each peer announced, so they can be dropped when it goes away.
@@ -166,6 +169,7 @@ impl Engine {
             forwards_confirmed: 0,
             parked_connects: Vec::new(),
             claim_epochs: AHashMap::new(),
+            peer_identities: AHashMap::new(),
             store_sessions,
             holding_acks: Vec::new(),
             worker_stats: Default::default(),
@@ -242,6 +246,9 @@ impl Engine {
     /// A connection's slot was freed (closed, or handed to another worker).
     fn forget_conn(&mut self, conn: &Conn) {
         self.drop_parked_subscribes(conn.key);
+        if !self.peer_identities.is_empty() {
+            self.peer_identities.remove(&conn.key);
+        }
         self.drivers[conn.driver_index()].conns -= 1;
         self.release_admission(conn.admission);
     }
@@ -469,7 +476,13 @@ impl Engine {
 
     /// Server shutdown: every client is told (v5: DISCONNECT 0x8B) and its connection closed.
     pub fn shutdown(&mut self, now: Instant) {
-        let keys: Vec<ConnKey> = self.conns.iter().map(|(k, _)| k).collect();
+        // Every listener's driver asks; connections already told are left alone.
+        let keys: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.is_closing())
+            .map(|(k, _)| k)
+            .collect();
         for key in keys {
             let conn = &mut self.conns[key];
             conn.disconnect(

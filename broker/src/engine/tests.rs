@@ -33,7 +33,7 @@ impl Harness {
 
     pub(super) fn with_config(config: Config) -> Harness {
         let mut engine = Engine::new(Rc::new(config), Box::new(Standalone));
-        let driver = engine.add_driver(&[StreamKind::Mqtt]);
+        let driver = engine.add_driver("tcp", &[StreamKind::Mqtt]);
         Harness {
             engine,
             driver,
@@ -316,7 +316,7 @@ fn per_connection_structs_stay_small() {
 #[test]
 fn each_driver_has_its_own_dirty_list_and_handoffs() {
     let mut h = Harness::new();
-    let other = h.engine.add_driver(&[]);
+    let other = h.engine.add_driver("quic", &[]);
     let first = h.connect("dirty-first", true, 0, None);
     let second = h
         .engine
@@ -350,8 +350,8 @@ fn each_driver_has_its_own_dirty_list_and_handoffs() {
     let backend = LoopbackNet::join(&net, NodeId::local(0));
     let _peer = LoopbackNet::join(&net, NodeId::local(1));
     let mut engine = Engine::new(Rc::new(Config::default()), backend.cluster);
-    let tcp = engine.add_driver(&[StreamKind::Mqtt]);
-    let quic = engine.add_driver(&[]);
+    let tcp = engine.add_driver("tcp", &[StreamKind::Mqtt]);
+    let quic = engine.add_driver("quic", &[]);
     let id = (0..)
         .map(|i| format!("away-{i}"))
         .find(|id| crate::cluster::home_worker(id, 2) == 1)

@@ -89,7 +89,7 @@ impl Workers {
         let backend = join(&self.net, id);
         let mut h = Harness::with_config(self.config.clone());
         h.engine = Engine::new(Rc::new(self.config.clone()), backend.cluster);
-        h.driver = h.engine.add_driver(&[StreamKind::Mqtt]);
+        h.driver = h.engine.add_driver("tcp", &[StreamKind::Mqtt]);
         h.now = self.now;
         Node {
             id,

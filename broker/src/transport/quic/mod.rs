@@ -66,7 +66,7 @@ pub fn driver(
         quinn_proto::Endpoint::new(Arc::new(endpoint_config), Some(server.clone()), false, None);
     // Connections handed to this worker arrive as plain MQTT streams (socketpair relays)
     // and are the TCP reactor's: this driver adopts none.
-    let id = engine.add_driver(&[]);
+    let id = engine.add_driver("quic", &[]);
     Driver::new(endpoint, server, socket, id).context("starting the QUIC driver")
 }
 

@@ -7,6 +7,12 @@
 //! the engine marked dirty, once each. So an idle connection costs a socket descriptor and
 //! the engine's own state, nothing more (no task, no waker, no buffers), and a burst of
 //! messages to one subscriber leaves in one `write(2)`.
+//!
+//! The same loop serves the TLS, WebSocket and WebSocket-over-TLS listeners (one reactor
+//! per listener, each a driver of its own): there each connection also has its
+//! [`Layers`], which turn socket bytes into MQTT bytes and back between the socket and the
+//! engine. A layered connection whose client id lives on another worker stays here and is
+//! relayed ([`super::relay`]): its TLS state cannot move to another process.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -20,6 +26,9 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use tokio::io::unix::AsyncFd;
 
+mod layered;
+
+use super::layer::{Framing, LayerFactory, Layers};
 use crate::cluster::StreamKind;
 use crate::engine::{ConnKey, DriverId, Engine};
 
@@ -47,6 +56,15 @@ pub struct TcpReactor {
     listener: Option<TcpListener>,
     /// Sockets by engine connection key.
     streams: Vec<Option<TcpStream>>,
+    /// What this listener puts between socket and MQTT (nothing for plain TCP).
+    factory: LayerFactory,
+    /// Each connection's layers, by engine connection key (empty for plain TCP).
+    layers: Vec<Option<Box<Layers>>>,
+    /// Layered listeners' scratch space: socket bytes read, bytes between TLS and
+    /// WebSocket, bytes encoded for the socket.
+    raw: BytesMut,
+    mid: BytesMut,
+    encoded: BytesMut,
     engine: Rc<RefCell<Engine>>,
     /// This reactor's id with the engine.
     driver: DriverId,
@@ -96,23 +114,35 @@ impl AsRawFd for EpollFd {
 }
 
 impl TcpReactor {
+    /// A reactor for `listener`, whose connections get the layers `factory` makes.
     pub fn new(
         listener: std::net::TcpListener,
         engine: Rc<RefCell<Engine>>,
+        factory: LayerFactory,
     ) -> io::Result<TcpReactor> {
         let poll = Poll::new()?;
         listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(listener);
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
-        // Plain MQTT byte streams handed over by other workers are served here too: TCP
-        // sockets, and the worker ends of QUIC relays.
-        let driver = engine.borrow_mut().add_driver(&[StreamKind::Mqtt]);
+        // Plain MQTT byte streams handed over by other workers are served by the plain
+        // listener: TCP sockets, and the worker ends of QUIC, TLS and WebSocket relays.
+        let adopts: &[StreamKind] = match factory.framing {
+            Framing::Plain => &[StreamKind::Mqtt],
+            _ => &[],
+        };
+        let name = factory.framing.name();
+        let driver = engine.borrow_mut().add_driver(name, adopts);
         Ok(TcpReactor {
             poll,
             events: Events::with_capacity(EVENTS_PER_TURN),
             listener: Some(listener),
             streams: Vec::new(),
+            factory,
+            layers: Vec::new(),
+            raw: BytesMut::new(),
+            mid: BytesMut::new(),
+            encoded: BytesMut::new(),
             engine,
             driver,
             scratch: BytesMut::with_capacity(READ_CHUNK),
@@ -255,6 +285,16 @@ impl TcpReactor {
                 continue;
             };
             let _ = self.poll.registry().deregister(&mut stream);
+            if let Some(layers) = self.layers.get_mut(key).and_then(Option::take) {
+                match super::relay::hand_off(&self.engine, handoff, stream, layers) {
+                    Ok(()) => continue,
+                    Err((stream, layers)) => {
+                        self.install(key, stream);
+                        self.layers[key] = Some(layers);
+                        continue;
+                    }
+                }
+            }
             let socket = OwnedFd::from(stream);
             let result = self
                 .engine
@@ -299,9 +339,17 @@ impl TcpReactor {
             self.streams.resize_with(key + 1, || None);
         }
         self.streams[key] = Some(stream);
-        // What this loop keeps per connection, for the engine's accountant.
-        let slot = std::mem::size_of::<Option<TcpStream>>() as u32;
-        self.engine.borrow_mut().set_transport_bytes(key, slot);
+        self.account(key);
+    }
+
+    /// Tells the engine's accountant what this loop keeps for `key`.
+    fn account(&mut self, key: ConnKey) {
+        let mut bytes = std::mem::size_of::<Option<TcpStream>>();
+        if let Some(layers) = self.layers.get(key).and_then(Option::as_ref) {
+            bytes += std::mem::size_of::<Option<Box<Layers>>>() + layers.footprint();
+        }
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        self.engine.borrow_mut().set_transport_bytes(key, bytes);
     }
 
     fn accept_all(&mut self) {
@@ -333,6 +381,20 @@ impl TcpReactor {
                 .engine
                 .borrow_mut()
                 .accept(self.driver, now, Some(peer.ip()));
+            match self.factory.layers() {
+                Ok(None) => {}
+                Ok(Some(layers)) => {
+                    if self.layers.len() <= key {
+                        self.layers.resize_with(key + 1, || None);
+                    }
+                    self.layers[key] = Some(layers);
+                }
+                Err(e) => {
+                    tracing::warn!("TLS state for a new connection: {e}");
+                    self.engine.borrow_mut().connection_lost(key, now);
+                    continue;
+                }
+            }
             self.install(key, stream);
         }
     }
@@ -345,6 +407,9 @@ impl TcpReactor {
 
     /// Reads `key` until the socket is drained or the budget is used.
     fn read(&mut self, key: ConnKey) {
+        if self.factory.framing != Framing::Plain {
+            return self.read_layered(key);
+        }
         let mut engine = self.engine.borrow_mut();
         for _ in 0..READ_BUDGET {
             if let Some(until) = engine.read_paused_until(key, Instant::now()) {
@@ -412,6 +477,9 @@ impl TcpReactor {
     }
 
     fn flush(&mut self, key: ConnKey) {
+        if self.factory.framing != Framing::Plain {
+            return self.flush_layered(key);
+        }
         let Some(stream) = self.streams.get_mut(key).and_then(Option::as_mut) else {
             return;
         };
@@ -467,6 +535,9 @@ impl TcpReactor {
         let Some(mut stream) = self.streams.get_mut(key).and_then(Option::take) else {
             return;
         };
+        if let Some(slot) = self.layers.get_mut(key) {
+            *slot = None;
+        }
         let id = self.next_linger_id;
         let token = Token(LINGER_BASE + id);
         let lingers = stream.shutdown(std::net::Shutdown::Write).is_ok()
@@ -528,6 +599,9 @@ impl TcpReactor {
     fn close(&mut self, key: ConnKey) {
         if let Some(mut stream) = self.streams.get_mut(key).and_then(Option::take) {
             let _ = self.poll.registry().deregister(&mut stream);
+        }
+        if let Some(slot) = self.layers.get_mut(key) {
+            *slot = None;
         }
         self.engine
             .borrow_mut()
