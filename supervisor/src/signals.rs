@@ -12,12 +12,15 @@ pub enum Signal {
     Shutdown(&'static str),
     /// SIGHUP: replace the workers one at a time.
     Hangup,
+    /// SIGUSR1: every worker reloads its TLS certificates in place (no connection drops).
+    ReloadCertificates,
 }
 
 pub struct Signals {
     term: Stream,
     int: Stream,
     hup: Stream,
+    usr1: Stream,
 }
 
 impl Signals {
@@ -27,6 +30,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
         })
     }
 
@@ -35,6 +39,7 @@ impl Signals {
             _ = self.term.recv() => Signal::Shutdown("SIGTERM"),
             _ = self.int.recv() => Signal::Shutdown("SIGINT"),
             _ = self.hup.recv() => Signal::Hangup,
+            _ = self.usr1.recv() => Signal::ReloadCertificates,
         }
     }
 }
@@ -60,6 +65,8 @@ pub async fn worker_shutdown() {
             Signal::Hangup => {
                 tracing::info!("SIGHUP ignored by a worker (send it to the supervisor)")
             }
+            // Handled by the worker's TLS listeners (`worker.rs`).
+            Signal::ReloadCertificates => {}
         }
     }
 }

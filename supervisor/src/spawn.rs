@@ -149,6 +149,7 @@ impl WorkerSet {
                 signal = signals.recv() => match signal {
                     Signal::Shutdown(name) => self.shutdown(name),
                     Signal::Hangup => self.rolling_restart(),
+                    Signal::ReloadCertificates => self.reload_certificates(),
                 },
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     self.on_timer();
@@ -424,6 +425,14 @@ impl WorkerSet {
         let ids: Vec<u64> = self.procs.keys().copied().collect();
         for id in ids {
             self.terminate(id);
+        }
+    }
+
+    /// Passes SIGUSR1 on to every ready worker: each reloads its TLS certificates.
+    fn reload_certificates(&mut self) {
+        tracing::info!("SIGUSR1: workers reload their TLS certificates");
+        for proc in self.procs.values().filter(|p| p.ready) {
+            proc.child.signal(libc::SIGUSR1);
         }
     }
 

@@ -29,6 +29,9 @@ impl StreamKind {
 pub struct HandedStream {
     pub kind: StreamKind,
     pub socket: OwnedFd,
+    /// The identity the client's transport proved where it arrived (a TLS client
+    /// certificate's): the receiving engine uses it as if it had seen the certificate.
+    pub identity: Option<Box<str>>,
     pub bytes: Bytes,
 }
 

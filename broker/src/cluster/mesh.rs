@@ -154,6 +154,7 @@ fn queue_handoff(link: &mut Link, stream: HandedStream, now: Instant) {
     let offset = link.out.len();
     let frame = Frame::Handoff {
         kind: stream.kind,
+        identity: stream.identity.unwrap_or_default(),
         bytes: stream.bytes,
     };
     wire::encode(&mut link.out, &frame, now);
@@ -836,10 +837,15 @@ fn apply(
             }
             ClusterEvent::BarrierDone(id)
         }
-        Frame::Handoff { kind, bytes } => match fds.pop_front() {
+        Frame::Handoff {
+            kind,
+            identity,
+            bytes,
+        } => match fds.pop_front() {
             Some(socket) => ClusterEvent::Adopt(HandedStream {
                 kind,
                 socket,
+                identity: (!identity.is_empty()).then_some(identity),
                 bytes,
             }),
             None => {

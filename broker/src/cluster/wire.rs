@@ -44,6 +44,8 @@ pub enum Frame {
     /// Its socket descriptor travels with this frame.
     Handoff {
         kind: StreamKind,
+        /// The identity its transport proved (a TLS client certificate's), or empty.
+        identity: Box<str>,
         bytes: Bytes,
     },
     Stats(WorkerStats),
@@ -160,9 +162,11 @@ pub fn encode(out: &mut BytesMut, f: &Frame, now: Instant) {
         Frame::BarrierAck(id) => frame(out, kind::BARRIER_ACK, |o| o.put_u64_le(*id)),
         Frame::Handoff {
             kind: handed,
+            identity,
             bytes,
         } => frame(out, kind::HANDOFF, |o| {
             o.put_u8(*handed as u8);
+            put_str(o, identity);
             o.put_slice(bytes);
         }),
         Frame::Session(image) => frame(out, kind::SESSION, |o| put_session(o, image, now)),
@@ -489,8 +493,10 @@ pub fn decode(buf: &mut BytesMut, now: Instant) -> Result<Option<Frame>, WireErr
             let handed = r.u8()?;
             let kind = StreamKind::from_u8(handed)
                 .ok_or_else(|| WireError(format!("unknown stream kind {handed}")))?;
+            let identity = r.str()?;
             Frame::Handoff {
                 kind,
+                identity,
                 bytes: r.0.clone(),
             }
         }

@@ -133,3 +133,33 @@ impl<'de> Deserialize<'de> for WssConfig {
             .map_err(serde::de::Error::custom)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn load(sets: &[&str]) -> anyhow::Result<Config> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Config::load(None, Vec::new(), &sets)
+    }
+
+    #[test]
+    fn wss_keeps_its_own_default_port_when_partly_set() {
+        let config = load(&["wss.enabled=true", "ws.enabled=true"]).unwrap();
+        assert_eq!(config.wss.0.bind.port(), 8084);
+        assert_eq!(config.ws.bind.port(), 8083);
+        assert_eq!(config.tls.bind.port(), 8883);
+        assert_eq!(config.wss.0.path, "/mqtt");
+    }
+
+    #[test]
+    fn bad_tls_and_websocket_settings_are_refused() {
+        assert!(load(&["tls.cert=\"a.pem\""]).is_err());
+        assert!(load(&["tls.require_certificate=true"]).is_err());
+        assert!(load(&["tls.use_identity_as_username=true"]).is_err());
+        assert!(load(&["tls.min_version=\"1.1\""]).is_err());
+        assert!(load(&["ws.path=\"mqtt\""]).is_err());
+        assert!(load(&["wss.max_request_bytes=10"]).is_err());
+        assert!(load(&["tls.client_ca=\"ca.pem\"", "tls.require_certificate=true"]).is_ok());
+    }
+}

@@ -174,6 +174,7 @@ impl Engine {
         let stream = HandedStream {
             kind,
             socket,
+            identity: self.peer_identities.get(&key).cloned(),
             bytes: handoff.bytes,
         };
         match self.cluster.handoff(handoff.to, stream) {

@@ -314,6 +314,11 @@ impl TcpReactor {
             let now = Instant::now();
             // Rate-checked where it arrived: no address for the per-IP connect rate here.
             let key = self.engine.borrow_mut().accept(self.driver, now, None);
+            if let Some(identity) = stream.identity {
+                self.engine
+                    .borrow_mut()
+                    .set_peer_identity(key, identity.into());
+            }
             let socket = stream.socket;
             self.install(key, TcpStream::from_std(std::net::TcpStream::from(socket)));
             let mut buf = BytesMut::from(&stream.bytes[..]);
