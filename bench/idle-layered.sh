@@ -27,6 +27,9 @@ for M in tcp tls ws wss; do
   python3 bench/idle-layered.py --port "$PORT" --mode "$M" --count "$N" --pids "$(pgrep -P $SP)" --cafile "$TMP/cert.pem"
   kill $SP; wait $SP 2>/dev/null
   command -v mosquitto > /dev/null || continue
+  # Debian's Mosquitto 2.0.11 cannot open a websockets listener here ("Unable to start any
+  # listening sockets", whatever the address): TCP and TLS only.
+  case $M in ws|wss) continue;; esac
   PORT=$(free_port)
   {
     # Run as root (by default it switches to user mosquitto, who cannot read $TMP).
@@ -34,7 +37,6 @@ for M in tcp tls ws wss; do
     echo "max_connections -1"
     echo "listener $PORT 127.0.0.1"
     case $M in tls|wss) echo "certfile $TMP/cert.pem"; echo "keyfile $TMP/key.pem";; esac
-    case $M in ws|wss) echo "protocol websockets";; esac
   } > "$TMP/m.conf"
   mosquitto -c "$TMP/m.conf" > "$TMP/m.log" 2>&1 & SP=$!
   wait_port "$PORT"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: Rust unit, property and integration tests (rumqttc against the real
 # mqttd binary, raw malformed-input tests, supervisor and cluster tests), then the interop
-# suite with clients we did not write (paho-mqtt, mosquitto_pub/sub, an aioquic
+# suite with clients we did not write (paho-mqtt, mosquitto_pub/sub, MQTT.js, an aioquic
 # MQTT-over-QUIC client); then the client suites again against 4 worker processes.
 # Installs the clients (and promtool) first if they are missing.
 set -euo pipefail
@@ -14,13 +14,21 @@ command -v mosquitto >/dev/null || need_apt+=(mosquitto)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 # promtool checks configs/*.yml; no recommends: they pull node_exporter, which wants :9100.
 command -v promtool >/dev/null || need_apt+=(prometheus)
+# MQTT.js runs under Node (tests/interop/test_mqttjs.py); Debian's npm brings nodejs.
+command -v npm >/dev/null || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-python3 -c 'import paho.mqtt, pytest, aioquic' 2>/dev/null || python3 -m pip install -q -r tests/requirements.txt
+python3 -c 'import paho.mqtt, pytest, aioquic, cryptography' 2>/dev/null ||
+  python3 -m pip install -q -r tests/requirements.txt
+# MQTT.js for tests/interop/test_mqttjs.py, at the version of its lockfile (node_modules is
+# not in git).
+if [ ! -f tests/interop/js/node_modules/mqtt/package.json ]; then
+  (cd tests/interop/js && npm ci --no-audit --no-fund --loglevel=error)
+fi
 
 # One build, with the tests' feature set: `cargo test` also builds the binaries (the bench
 # tests and the interop suite use target/debug/mqttd), and a separate `cargo build` would

@@ -11,6 +11,8 @@
 //! * `idle` — broker memory per idle connection (older, kept for its docs).
 //! * `quic-conns`, `quic-pairs` — MQTT over QUIC (quinn client): handshakes/s, RSS per idle
 //!   QUIC connection, pairs throughput over QUIC vs TCP with the same client code.
+//! * `proxy` — not a scenario: accepts plain TCP and relays it to the broker over TLS,
+//!   WebSocket or WSS, so the TCP scenarios measure those transports (bench/transports.sh).
 //!
 //! Each prints a table plus one JSON line, or with `--json` only one JSON
 //! object; `--compare HOST:PORT` reruns against a second broker and prints
@@ -18,6 +20,7 @@
 
 mod capacity;
 mod procfs;
+mod proxy;
 mod report;
 mod scenarios;
 mod wire;
@@ -60,6 +63,8 @@ enum Cmd {
     QuicConns(scenarios::quic::QuicConnsArgs),
     /// Publisher -> subscriber pairs over QUIC or TCP with the same client code.
     QuicPairs(scenarios::quic::QuicPairsArgs),
+    /// Client-side transport proxy: plain TCP in, TLS / WebSocket / WSS (or TCP) to the broker.
+    Proxy(proxy::ProxyArgs),
 }
 
 fn main() {
@@ -76,6 +81,7 @@ fn main() {
         Cmd::Capacity(a) => capacity::run(a),
         Cmd::QuicConns(a) => scenarios::quic::run_conns(a),
         Cmd::QuicPairs(a) => scenarios::quic::run_pairs(a),
+        Cmd::Proxy(a) => proxy::run(a),
     };
     if let Err(e) = result {
         eprintln!("mqttd-bench: error: {e:#}");

@@ -46,6 +46,9 @@ pub struct Worker {
     /// The TLS and WebSocket listeners that are enabled, each with what its connections
     /// need.
     layered: Vec<(LayerFactory, std::net::TcpListener)>,
+    /// SIGUSR1 (certificate reload), installed before the worker says it is ready: the
+    /// signal's default action would kill the process.
+    reload_signal: tokio::signal::unix::Signal,
     inbox: Rc<ClusterInbox>,
     /// MQTT over QUIC, when `quic.enabled`.
     quic: Option<quic::Driver>,
@@ -87,6 +90,9 @@ impl Worker {
             }
         };
         let layered = bind_layered(&config, inherited.layered)?;
+        let reload_signal =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                .context("listening for SIGUSR1")?;
         backend.lifecycle.ready().await;
         // Whatever the peers sent before they counted as joined is applied before the first
         // client is served.
@@ -94,6 +100,7 @@ impl Worker {
         Ok(Worker {
             tcp,
             layered,
+            reload_signal,
             inbox: backend.inbox,
             quic,
             engine,
@@ -160,7 +167,10 @@ impl Worker {
             .iter()
             .filter_map(|(f, _)| f.tls.clone())
             .collect();
-        let reloader = tokio::task::spawn_local(reload_certificates_on_sigusr1(acceptors));
+        let reloader = tokio::task::spawn_local(reload_certificates_on_sigusr1(
+            self.reload_signal,
+            acceptors,
+        ));
         let mut reactors = Vec::new();
         for (factory, listener) in self.layered {
             let reactor = TcpReactor::new(listener, self.engine.clone(), factory)?;
@@ -257,11 +267,10 @@ pub fn layered_listeners(config: &Config) -> [(Framing, bool, SocketAddr); 3] {
 
 /// SIGUSR1: every TLS listener reads its certificate, key and client CAs again. New
 /// connections get the new ones; established connections are not touched.
-async fn reload_certificates_on_sigusr1(acceptors: Vec<Rc<TlsAcceptor>>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
-        return tracing::warn!("cannot listen for SIGUSR1: certificates will not be reloaded");
-    };
+async fn reload_certificates_on_sigusr1(
+    mut usr1: tokio::signal::unix::Signal,
+    acceptors: Vec<Rc<TlsAcceptor>>,
+) {
     while usr1.recv().await.is_some() {
         for acceptor in &acceptors {
             match acceptor.reload() {

@@ -13,6 +13,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from conftest import TIMEOUT, USE_MOSQUITTO
+from wsraw import mqtt_str, packet
 
 aioquic = pytest.importorskip("aioquic")
 from aioquic.asyncio import connect  # noqa: E402
@@ -22,25 +23,6 @@ pytestmark = pytest.mark.skipif(USE_MOSQUITTO, reason="mosquitto has no QUIC lis
 
 
 # ---------------------------------------------------------------- MQTT 3.1.1 encoding
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n % 128
-        n //= 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def mqtt_str(s):
-    b = s.encode() if isinstance(s, str) else s
-    return struct.pack("!H", len(b)) + b
-
-
-def packet(byte1, body):
-    return bytes([byte1]) + varint(len(body)) + body
-
-
 def connect_packet(client_id):
     return packet(0x10, mqtt_str("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60)
                   + mqtt_str(client_id))

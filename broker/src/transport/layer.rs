@@ -307,7 +307,12 @@ fn tls_step(
     out: &mut BytesMut,
 ) -> Decoded {
     let handshaking = !tls.is_open();
-    match tls.decode(raw, plain, out) {
+    // A panic inside rustls on one client's bytes must end that connection, not the
+    // listener serving every other one.
+    let decode = std::panic::AssertUnwindSafe(|| tls.decode(raw, plain, out));
+    let result = std::panic::catch_unwind(decode)
+        .unwrap_or_else(|_| Err(rustls::Error::General("rustls panicked".into())));
+    match result {
         Ok(TlsStatus::Open) => Decoded::Open,
         Ok(TlsStatus::PeerClosed) => Decoded::Finished,
         Err(e) if handshaking => {

@@ -19,7 +19,7 @@ use tokio::io::AsyncWriteExt as _;
 
 use super::layer::{Decoded, Layers};
 use crate::cluster::StreamKind;
-use crate::engine::{Engine, PendingHandoff};
+use crate::engine::{DriverId, Engine, PendingHandoff};
 
 /// Bytes read per wake-up from either side.
 const READ_CHUNK: usize = 16 * 1024;
@@ -30,6 +30,7 @@ const READ_CHUNK: usize = 16 * 1024;
 /// is dropped, as a failed accept would.
 pub(super) fn hand_off(
     engine: &Rc<RefCell<Engine>>,
+    driver: DriverId,
     handoff: PendingHandoff,
     stream: mio::net::TcpStream,
     layers: Box<Layers>,
@@ -40,6 +41,7 @@ pub(super) fn hand_off(
         theirs.set_nonblocking(true)?;
         Ok((ours, theirs))
     });
+    let engine_rc = engine;
     let mut engine = engine.borrow_mut();
     let (ours, theirs) = match pair {
         Ok(pair) => pair,
@@ -52,8 +54,14 @@ pub(super) fn hand_off(
     };
     match engine.hand_off(handoff, StreamKind::Mqtt, OwnedFd::from(theirs)) {
         Ok(()) => {
+            let engine = Rc::clone(engine_rc);
             tokio::task::spawn_local(async move {
-                if let Err(e) = relay(stream, layers, ours).await {
+                let failure = Rc::new(std::cell::Cell::new(None));
+                let result = relay(stream, layers, ours, failure.clone()).await;
+                if let Some(reason) = failure.get() {
+                    engine.borrow_mut().transport_error(driver, reason);
+                }
+                if let Err(e) = result {
                     tracing::debug!("relay ended: {e}");
                 }
             });
@@ -69,6 +77,7 @@ async fn relay(
     stream: mio::net::TcpStream,
     mut layers: Box<Layers>,
     home: UnixStream,
+    failure: Rc<std::cell::Cell<Option<&'static str>>>,
 ) -> io::Result<()> {
     let mut client =
         tokio::net::TcpStream::from_std(std::net::TcpStream::from(OwnedFd::from(stream)))?;
@@ -93,6 +102,9 @@ async fn relay(
                 home.write_all(&plain).await?;
                 client.write_all(&layers.out).await?;
                 layers.out = BytesMut::new();
+                if let Decoded::Failed(f) = decoded {
+                    failure.set(Some(f.name()));
+                }
                 if eof || decoded != Decoded::Open {
                     return Ok(());
                 }

@@ -171,7 +171,7 @@ impl TlsSession {
                 Ok(state) => state,
                 Err(e) => {
                     incoming.advance(discard);
-                    self.flush_alerts(out);
+                    self.flush_alerts(incoming, out);
                     return Err(e);
                 }
             };
@@ -258,10 +258,13 @@ impl TlsSession {
         certificate_identity(cert)
     }
 
-    /// Encodes the alerts an error left queued.
-    fn flush_alerts(&mut self, out: &mut BytesMut) {
+    /// Encodes the alerts an error left queued. rustls may still be in the middle of
+    /// `incoming` (records it deframed but did not process): it must see the same bytes
+    /// again, or it panics.
+    fn flush_alerts(&mut self, incoming: &mut BytesMut, out: &mut BytesMut) {
         for _ in 0..4 {
-            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+            let UnbufferedStatus { discard, state } =
+                self.conn.process_tls_records(&mut incoming[..]);
             match state {
                 Ok(ConnectionState::EncodeTlsData(mut data)) => {
                     encode_with(out, |buf| match data.encode(buf) {
@@ -271,8 +274,12 @@ impl TlsSession {
                     });
                 }
                 Ok(ConnectionState::TransmitTlsData(data)) => data.done(),
-                _ => return,
+                _ => {
+                    incoming.advance(discard);
+                    return;
+                }
             }
+            incoming.advance(discard);
         }
     }
 }

@@ -21,6 +21,11 @@ pub struct Broker {
     pub metrics_addr: SocketAddr,
     /// The MQTT-over-QUIC (UDP) address, from `mqttd listening quic ADDR`.
     pub quic_addr: Option<SocketAddr>,
+    /// The MQTT-over-TLS, WebSocket and WebSocket-over-TLS addresses of the listeners a test
+    /// turned on (`tls.enabled=true`, ...), from `mqttd listening tls|ws|wss ADDR`.
+    pub tls_addr: Option<SocketAddr>,
+    pub ws_addr: Option<SocketAddr>,
+    pub wss_addr: Option<SocketAddr>,
     /// Stopped on purpose by the test (by a signal): Drop does not call that a crash.
     stopped: bool,
     /// A second host of the same broker (`MQTTD_TEST_REDIS_HOSTS=2`): clients are spread
@@ -108,18 +113,25 @@ impl Broker {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             quic_addr: None,
+            tls_addr: None,
+            ws_addr: None,
+            wss_addr: None,
             stopped: false,
             second: None,
             turn: std::sync::atomic::AtomicUsize::new(0),
         };
         let stdout = broker.child.stdout.take().expect("stdout");
         // Once every worker is ready the broker prints "mqttd listening tcp ADDR", then the
-        // QUIC and metrics lines (unless a test turned those off); read until all are known.
-        let off = |key: &str| {
+        // QUIC, TLS, WebSocket and metrics lines (QUIC and metrics unless a test turned them
+        // off, the others if it turned them on); read until all are known.
+        let set_to = |key: &str, value: &str| {
             sets.iter()
-                .any(|s| s.replace(' ', "") == format!("{key}=false"))
+                .any(|s| s.replace(' ', "") == format!("{key}={value}"))
         };
+        let off = |key: &str| set_to(key, "false");
         let (mut tcp, mut quic, mut metrics) = (false, off("quic.enabled"), off("metrics.enabled"));
+        let [mut tls, mut ws, mut wss] =
+            ["tls", "ws", "wss"].map(|name| !set_to(&format!("{name}.enabled"), "true"));
         let mut line = String::new();
         let mut reader = BufReader::new(stdout);
         loop {
@@ -133,11 +145,20 @@ impl Broker {
             } else if let Some(addr) = l.strip_prefix("mqttd listening quic ") {
                 broker.quic_addr = Some(addr.parse().expect("quic address"));
                 quic = true;
+            } else if let Some(addr) = l.strip_prefix("mqttd listening tls ") {
+                broker.tls_addr = Some(addr.parse().expect("tls address"));
+                tls = true;
+            } else if let Some(addr) = l.strip_prefix("mqttd listening ws ") {
+                broker.ws_addr = Some(addr.parse().expect("ws address"));
+                ws = true;
+            } else if let Some(addr) = l.strip_prefix("mqttd listening wss ") {
+                broker.wss_addr = Some(addr.parse().expect("wss address"));
+                wss = true;
             } else if let Some(addr) = l.strip_prefix("mqttd listening metrics ") {
                 broker.metrics_addr = addr.parse().expect("metrics address");
                 metrics = true;
             }
-            if tcp && quic && metrics {
+            if tcp && quic && tls && ws && wss && metrics {
                 // Keep draining stdout so the broker never blocks on a full pipe.
                 std::thread::spawn(move || for _ in reader.lines() {});
                 return broker;

@@ -286,7 +286,7 @@ impl TcpReactor {
             };
             let _ = self.poll.registry().deregister(&mut stream);
             if let Some(layers) = self.layers.get_mut(key).and_then(Option::take) {
-                match super::relay::hand_off(&self.engine, handoff, stream, layers) {
+                match super::relay::hand_off(&self.engine, self.driver, handoff, stream, layers) {
                     Ok(()) => continue,
                     Err((stream, layers)) => {
                         self.install(key, stream);
