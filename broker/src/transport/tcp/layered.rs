@@ -61,6 +61,10 @@ impl TcpReactor {
                 .then(|| engine.read_paused_until(key, now))
                 .flatten();
             drop(engine);
+            if decoded == Decoded::Finished {
+                // The client said goodbye (close_notify, a Close frame): so do we.
+                layers.queue_close();
+            }
             if decoded != Decoded::Open {
                 return self.finish(key);
             }
